@@ -1,0 +1,247 @@
+"""Pretrained weights for the frozen backbone.
+
+Sources, in the order :func:`load_backbone_weights` tries them:
+
+* ``"timm"`` (or ``"timm:NAME"``): timm's pretrained weights for the configured model name, from
+  the local Hugging Face cache or the network, at the model's native patch size, then converted
+  with :func:`convert_vit_state_dict` below when our model uses another patch size or grid.
+* a local ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` file in timm's layout or in the
+  **original DINOv2 torch-hub layout** (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``,
+  ``blocks.{i}.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}.*``,
+  ``norm.*``, ``mask_token``; registers as ``register_tokens``). Wrappers such as
+  ``{"state_dict": ...}``, ``{"model": ...}`` or ``{"teacher": ...}`` and the prefixes
+  ``module.``/``backbone.`` are removed.
+
+The official Rein code converts DINOv2 (patch 14, 37x37 grid at 518 px) offline to patch 16 and a
+32x32 grid: the patch kernel is resized 14x14 -> 16x16 and the patch positional embedding
+37x37 -> 32x32, both bicubic with ``align_corners=False``. :func:`convert_vit_state_dict` does
+exactly that and ``rein convert-backbone`` writes the result to disk.
+
+``torch.load`` always runs with ``weights_only=True``: no pickled code is executed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "WeightsError",
+    "read_state_dict",
+    "write_state_dict",
+    "normalize_vit_keys",
+    "convert_vit_state_dict",
+    "load_backbone_weights",
+]
+
+_WRAPPERS = ("state_dict", "model", "teacher", "module")
+_PREFIXES = ("module.", "backbone.", "encoder.")
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be read or do not fit the model."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a flat ``{name: tensor}`` dict from a safetensors or torch file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: object = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated or pickled code
+        raise WeightsError(
+            f"cannot read weights from {path}: {exc}. Is the file complete and a "
+            f"safetensors/torch checkpoint (torch files are loaded with weights_only=True)?"
+        ) from exc
+    while isinstance(obj, Mapping) and not _is_flat(obj):
+        key = next((k for k in _WRAPPERS if k in obj), None)
+        if key is None:
+            raise WeightsError(
+                f"{path} holds a dict without tensors at the top; expected keys like "
+                f"'blocks.0.attn.qkv.weight' or a wrapper among {list(_WRAPPERS)}; "
+                f"found {sorted(obj)[:8]}"
+            )
+        obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+    return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+
+
+def _is_flat(d: Mapping) -> bool:
+    return any(isinstance(v, Tensor) for v in d.values())
+
+
+def write_state_dict(state: Mapping[str, Tensor], path: str | Path) -> None:
+    """Write tensors atomically to ``.safetensors`` (or ``.pth`` by suffix)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        tensors = {k: v.detach().contiguous().cpu().clone() for k, v in state.items()}
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, tmp)
+        else:
+            torch.save(tensors, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def normalize_vit_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Strip wrapper prefixes and map DINOv2 names to timm's (``register_tokens``)."""
+    out = dict(state)
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if out and all(k.startswith(prefix) for k in out):
+                out = {k[len(prefix) :]: v for k, v in out.items()}
+                changed = True
+    if "register_tokens" in out:
+        out["reg_token"] = out.pop("register_tokens")
+    # DINOv2's chunked blocks ("blocks.0.3.attn...") -> flat ("blocks.3.attn...")
+    if any(k.startswith("blocks.") and k.split(".")[2].isdigit() for k in out if k.count(".") > 2):
+        out = {_unchunk(k): v for k, v in out.items()}
+    return out
+
+
+def _unchunk(key: str) -> str:
+    parts = key.split(".")
+    if parts[0] == "blocks" and len(parts) > 3 and parts[1].isdigit() and parts[2].isdigit():
+        return ".".join(["blocks", parts[2], *parts[3:]])
+    return key
+
+
+def convert_vit_state_dict(
+    state: Mapping[str, Tensor],
+    patch_size: int,
+    grid: tuple[int, int] | int,
+    num_prefix_pos: int = 1,
+) -> dict[str, Tensor]:
+    """Resize the patch kernel to ``patch_size`` and the patch pos-embed to ``grid``.
+
+    Both resizes are bicubic with ``align_corners=False`` (the official offline conversion).
+    ``num_prefix_pos`` is the number of prefix tokens stored in ``pos_embed`` (1 for DINOv2's
+    class token, 0 for models with ``no_embed_class``).
+    """
+    out = dict(state)
+    grid_hw = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    w = out.get("patch_embed.proj.weight")
+    if w is not None and tuple(w.shape[-2:]) != (patch_size, patch_size):
+        out["patch_embed.proj.weight"] = F.interpolate(
+            w.float(), size=(patch_size, patch_size), mode="bicubic", align_corners=False
+        ).to(w.dtype)
+    pos = out.get("pos_embed")
+    if pos is not None:
+        prefix, patch = pos[:, :num_prefix_pos], pos[:, num_prefix_pos:]
+        old = math.isqrt(patch.shape[1])
+        if old * old != patch.shape[1]:
+            raise WeightsError(f"pos_embed {tuple(pos.shape)} is not a square grid + prefix")
+        if (old, old) != grid_hw:
+            dim = patch.shape[-1]
+            patch = patch.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
+            patch = F.interpolate(patch, size=grid_hw, mode="bicubic", align_corners=False)
+            patch = patch.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos.dtype)
+            out["pos_embed"] = torch.cat([prefix, patch], dim=1)
+    return out
+
+
+def _timm_pretrained_state(name: str) -> dict[str, Tensor]:
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as exc:  # no network / no cache
+        raise WeightsError(
+            f"could not get timm's pretrained weights for '{name}' ({exc}). Without network, "
+            f"download them elsewhere and point `model.backbone.weights` at the local file"
+        ) from exc
+    return model.state_dict()
+
+
+def load_backbone_weights(backbone: nn.Module, source: str | Path, model_name: str = "") -> None:
+    """Load frozen-backbone weights into a :class:`~rein.backbones.vit.ReinViT`.
+
+    The patch kernel and positional grid are converted when they differ from the model's. Any
+    missing, unexpected or misshapen key raises :class:`WeightsError` naming the key and both
+    shapes; nothing is loaded partially.
+    """
+    src = str(source)
+    if src == "timm" or src.startswith("timm:"):
+        name = src.split(":", 1)[1] if ":" in src else model_name
+        state = _timm_pretrained_state(name)
+    else:
+        state = read_state_dict(src)
+    state = normalize_vit_keys(state)
+    vit = backbone.vit  # type: ignore[attr-defined]
+    n_prefix_pos = 0 if getattr(vit, "no_embed_class", False) else backbone.num_prefix_tokens  # type: ignore[attr-defined]
+    target = {f"vit.{k}": v for k, v in vit.state_dict().items()}
+    if hasattr(backbone, "mask_token"):
+        target["mask_token"] = backbone.mask_token
+    pos = state.get("pos_embed")
+    if n_prefix_pos == 0 and pos is not None and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1:
+        # Original DINOv2-with-registers files store the class position in pos_embed; timm keeps
+        # it out (no_embed_class), so fold it into the class token (same sum, same output).
+        state["cls_token"] = state["cls_token"] + pos[:, :1]
+        state["pos_embed"] = pos[:, 1:]
+    grid = _grid_of(vit, n_prefix_pos)
+    state = convert_vit_state_dict(state, backbone.patch_size, grid, n_prefix_pos)  # type: ignore[arg-type]
+    renamed = {("mask_token" if k == "mask_token" else f"vit.{k}"): v for k, v in state.items()}
+    if "mask_token" in target and "mask_token" not in renamed:
+        renamed["mask_token"] = torch.zeros_like(target["mask_token"])  # timm files lack it
+    if "mask_token" not in target:
+        renamed.pop("mask_token", None)
+    check_state_dict(renamed, target, src)
+    with torch.no_grad():
+        params = dict(backbone.named_parameters())
+        buffers = dict(backbone.named_buffers())
+        for k, v in renamed.items():
+            dst = params.get(k, buffers.get(k))
+            dst.copy_(v.to(dst.dtype))  # type: ignore[union-attr]
+
+
+def _grid_of(vit: nn.Module, n_prefix_pos: int) -> tuple[int, int]:
+    n = vit.pos_embed.shape[1] - n_prefix_pos
+    g = math.isqrt(n)
+    return (g, g)
+
+
+def check_state_dict(state: Mapping[str, Tensor], target: Mapping[str, Tensor], src: str) -> None:
+    """Raise :class:`WeightsError` unless keys and shapes match exactly."""
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
+        for k in target
+        if k in state and tuple(state[k].shape) != tuple(target[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"weights in {src} do not fit the backbone:"]
+        if shapes:
+            lines.append(f"  shape mismatch ({len(shapes)}), first: {shapes[0]}")
+        if missing:
+            lines.append(f"  missing ({len(missing)}): {', '.join(missing[:5])}")
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:5])}")
+        lines.append(
+            "  hint: check `model.backbone.name` (size S/B/L/g, registers) matches the file"
+        )
+        raise WeightsError("\n".join(lines))
