@@ -1,0 +1,211 @@
+"""The ``rein`` command line: train | eval | predict | demo | params | convert | convert-backbone."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main", "resolve_config"]
+
+
+def _repo_configs() -> list[Path]:
+    here = Path(__file__).resolve()
+    return [Path.cwd() / "configs", here.parents[2] / "configs"]
+
+
+def resolve_config(spec: str, overrides: list[str] | None = None):
+    """A :class:`Config` from a YAML path, a name in ``configs/``, or a timm backbone name."""
+    from rein.config import ConfigError, config_to_dict, default_config, load_config
+
+    overrides = list(overrides or [])
+    path = Path(spec)
+    if path.is_file():
+        return load_config(path, overrides)
+    for folder in _repo_configs():
+        for cand in (folder / spec, folder / f"{spec}.yaml"):
+            if cand.is_file():
+                return load_config(cand, overrides)
+    if path.suffix in (".yaml", ".yml"):
+        raise ConfigError(f"config file not found: {spec}")
+    import timm
+
+    if timm.is_model(spec):
+        from rein.config import apply_overrides, config_from_dict
+
+        data = config_to_dict(default_config())
+        data["model"]["backbone"]["name"] = spec
+        return config_from_dict(apply_overrides(data, overrides))
+    names = sorted(p.stem for f in _repo_configs() if f.is_dir() for p in f.glob("*.yaml"))
+    import difflib
+
+    close = difflib.get_close_matches(spec, names + timm.list_models(), n=4, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"'{spec}' is neither a config file, a name in configs/, nor a timm model{hint}"
+    )
+
+
+# -- params ------------------------------------------------------------------------------------
+def cmd_params(args: argparse.Namespace) -> int:
+    import torch
+
+    from rein.segmentor import build_segmentor
+
+    cfg = resolve_config(args.config, args.set)
+    with torch.device("meta"):
+        model = build_segmentor(cfg.model, load_weights=False, with_criterion=False)
+    groups = model.parameter_groups()
+    print(f"{args.config}: tuning={cfg.model.tuning}, backbone={cfg.model.backbone.name}")
+    print(f"{'group':<10}{'total':>16}{'trainable':>16}{'frozen':>16}")
+    tot = [0, 0]
+    for name, (total, trainable) in groups.items():
+        if total == 0:
+            continue
+        print(f"{name:<10}{total:>16,}{trainable:>16,}{total - trainable:>16,}")
+        tot[0] += total
+        tot[1] += trainable
+    print(f"{'total':<10}{tot[0]:>16,}{tot[1]:>16,}{tot[0] - tot[1]:>16,}")
+    print(f"trainable share: {100.0 * tot[1] / max(tot[0], 1):.2f}%")
+    return 0
+
+
+# -- convert-backbone --------------------------------------------------------------------------
+def cmd_convert_backbone(args: argparse.Namespace) -> int:
+    from rein.backbones.weights import (
+        convert_vit_state_dict,
+        normalize_vit_keys,
+        read_state_dict,
+        write_state_dict,
+    )
+
+    state = normalize_vit_keys(read_state_dict(args.src))
+    grid = args.img_size // args.patch_size
+    out = convert_vit_state_dict(state, args.patch_size, grid, num_prefix_pos=args.prefix_pos)
+    if "reg_token" in out and not args.timm_names:
+        out["register_tokens"] = out.pop("reg_token")
+    write_state_dict(out, args.dst)
+    pe = out.get("patch_embed.proj.weight")
+    pos = out.get("pos_embed")
+    print(
+        f"wrote {args.dst}: {len(out)} tensors; patch kernel "
+        f"{tuple(pe.shape) if pe is not None else '-'}, pos_embed "
+        f"{tuple(pos.shape) if pos is not None else '-'}"
+    )
+    return 0
+
+
+# -- convert (official <-> ours) ---------------------------------------------------------------
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from rein.engine.checkpoint import load_checkpoint, load_into, save_checkpoint
+    from rein.config import config_to_dict
+    from rein.interop import export_official, load_official
+    from rein.segmentor import build_segmentor
+
+    cfg = resolve_config(args.config, args.set)
+    with torch.device("cpu"):
+        model = build_segmentor(cfg.model, load_weights=False, with_criterion=False)
+    if args.to_official:
+        state, _, _ = load_checkpoint(args.src)
+        load_into(model, state)
+        n = export_official(model, args.dst, meta={"source": str(args.src), "rein": "export"})
+        print(f"wrote official-layout checkpoint {args.dst} ({n} keys)")
+        return 0
+    keys = load_official(model, args.src, trust_pickle=args.trust_pickle)
+    out = Path(args.dst)
+    save_checkpoint(
+        out,
+        "converted",
+        model.trainable_state_dict(),
+        meta={"config": config_to_dict(cfg), "iteration": 0, "source": str(args.src)},
+    )
+    print(f"loaded {len(keys)} keys from {args.src}; wrote {out / 'converted.safetensors'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rein",
+        description="Rein: domain-generalized semantic segmentation on frozen foundation models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_set(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set train.max_iters=100 (repeatable)",
+        )
+
+    p = sub.add_parser("params", help="count total / trainable / frozen parameters per group")
+    p.add_argument("config", help="config YAML, a name in configs/, or a timm backbone name")
+    add_set(p)
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser(
+        "convert-backbone",
+        help="convert a ViT checkpoint (e.g. original DINOv2) to another patch size / grid",
+    )
+    p.add_argument(
+        "src", help="original weights (.pth/.safetensors), e.g. dinov2_vitl14_pretrain.pth"
+    )
+    p.add_argument("dst", help="output file (.safetensors or .pth)")
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--img-size", type=int, default=512)
+    p.add_argument("--prefix-pos", type=int, default=1, help="prefix tokens stored in pos_embed")
+    p.add_argument("--timm-names", action="store_true", help="write reg_token (timm) names")
+    p.set_defaults(func=cmd_convert_backbone)
+
+    p = sub.add_parser("convert", help="import an official Rein checkpoint, or export ours")
+    p.add_argument("config", help="config describing the model of the checkpoint")
+    p.add_argument("src", help="official .pth (import) or our checkpoint dir/file (--to-official)")
+    p.add_argument("dst", help="output directory (import) or .pth file (--to-official)")
+    p.add_argument("--to-official", action="store_true", help="export ours to the official layout")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow full unpickling of a trusted official file (never by default)",
+    )
+    add_set(p)
+    p.set_defaults(func=cmd_convert)
+
+    from rein import commands  # train / eval / predict / demo
+
+    commands.register(sub, add_set)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rein`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from rein.backbones.weights import WeightsError
+    from rein.config import ConfigError
+
+    known: tuple[type[BaseException], ...] = (ConfigError, WeightsError, FileNotFoundError)
+    try:
+        from rein.data.errors import DataError  # noqa: F401
+
+        known = (*known, DataError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from rein.engine.checkpoint import CheckpointError
+        from rein.interop import InteropError
+
+        known = (*known, CheckpointError, InteropError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        return int(args.func(args) or 0)
+    except known as exc:
+        print(f"rein {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

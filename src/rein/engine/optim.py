@@ -1,0 +1,144 @@
+"""AdamW parameter groups (official Rein recipe) and the poly learning-rate schedule."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+if TYPE_CHECKING:
+    from rein.config import OptimConfig
+
+__all__ = ["NO_DECAY_KEYS", "is_no_decay", "build_param_groups", "build_optimizer", "PolyLR"]
+
+# Parameter-name substrings that never get weight decay (besides norm layers).
+NO_DECAY_KEYS = ("query_embed", "level_embed", "learnable_tokens")
+
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.CrossMapLRN2d,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def _is_norm_module(module: nn.Module) -> bool:
+    return isinstance(module, _NORM_TYPES) or type(module).__module__ == (
+        "torch.nn.modules.normalization"
+    )
+
+
+def _is_reins_module(module: nn.Module) -> bool:
+    return "reins" in type(module).__name__.lower()
+
+
+def is_no_decay(name: str, owner: nn.Module | None = None) -> bool:
+    """Whether parameter ``name`` (owned directly by module ``owner``) skips weight decay."""
+    if owner is not None and _is_norm_module(owner):
+        return True
+    if "norm" in name or any(key in name for key in NO_DECAY_KEYS):
+        return True
+    if name == "scale" or name.endswith(".scale"):
+        return name.endswith("reins.scale") or (owner is not None and _is_reins_module(owner))
+    return False
+
+
+def _is_backbone_non_rein(name: str) -> bool:
+    return name.startswith("backbone.") and "reins" not in name
+
+
+def build_param_groups(
+    model: nn.Module, weight_decay: float, lr: float, backbone_lr_mult: float = 1.0
+) -> list[dict[str, Any]]:
+    """Split the trainable parameters of ``model`` into AdamW groups.
+
+    Weight decay is 0 for norm layers (by module type, or ``norm`` in the name),
+    ``query_embed``, ``level_embed``, ``learnable_tokens*`` and the Rein ``scale``; every
+    other parameter gets ``weight_decay``. Backbone parameters that are not Rein get
+    ``lr * backbone_lr_mult``. Each group also carries ``names`` (parameter names).
+    """
+    owners: dict[int, nn.Module] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), module)
+
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        wd = 0.0 if is_no_decay(name, owners.get(id(param))) else weight_decay
+        group_lr = lr * backbone_lr_mult if _is_backbone_non_rein(name) else lr
+        group = groups.setdefault(
+            (wd, group_lr), {"params": [], "names": [], "lr": group_lr, "weight_decay": wd}
+        )
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over :func:`build_param_groups` with the settings of ``cfg``."""
+    groups = build_param_groups(model, cfg.weight_decay, cfg.lr, cfg.backbone_lr_mult)
+    if not groups:
+        raise ValueError("the model has no trainable parameters (requires_grad=True)")
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+class PolyLR(LRScheduler):
+    """Poly decay per iteration, with optional linear warm-up.
+
+    ``lr(it) = (base - min_lr) * (1 - it / max_iters) ** power + min_lr`` for each param
+    group's own base lr (``it`` is clamped to ``max_iters``). During the first
+    ``warmup_iters`` iterations that value is scaled by a factor rising linearly from
+    ``warmup_ratio`` (at it=0) to 1 (at it=warmup_iters). Call :meth:`step` once per
+    iteration, after ``optimizer.step()``.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        max_iters: int,
+        power: float = 0.9,
+        min_lr: float = 0.0,
+        warmup_iters: int = 0,
+        warmup_ratio: float = 1e-6,
+        last_epoch: int = -1,
+    ) -> None:
+        if max_iters < 1:
+            raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+        if warmup_iters < 0:
+            raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")
+        self.max_iters = int(max_iters)
+        self.power = float(power)
+        self.min_lr = float(min_lr)
+        self.warmup_iters = int(warmup_iters)
+        self.warmup_ratio = float(warmup_ratio)
+        super().__init__(optimizer, last_epoch)
+
+    def lr_at(self, iteration: int) -> list[float]:
+        """Learning rates of every param group at ``iteration`` (closed form)."""
+        it = min(max(int(iteration), 0), self.max_iters)
+        decay = (1.0 - it / self.max_iters) ** self.power
+        factor = 1.0
+        if self.warmup_iters > 0 and it < self.warmup_iters:
+            factor = self.warmup_ratio + (1.0 - self.warmup_ratio) * it / self.warmup_iters
+        out = []
+        for base in self.base_lrs:
+            out.append(((float(base) - self.min_lr) * decay + self.min_lr) * factor)
+        return out
+
+    def get_lr(self) -> list[float]:
+        return self.lr_at(self.last_epoch)
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return self.lr_at(self.last_epoch)

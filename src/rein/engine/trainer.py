@@ -1,0 +1,335 @@
+"""The training loop, top to bottom, in plain PyTorch.
+
+``train(cfg)`` builds the model, the data stream, AdamW and the poly schedule, then iterates.
+Every ``checkpoint_interval`` iterations it writes ``latest`` (and ``best`` after a better
+validation), atomically. A run restarted with the same output directory resumes from
+``latest`` and ends bit-identical to an uninterrupted run, because everything random is a
+function of (seed, iteration): the order of samples, their augmentation, and the loss's point
+sampling. Multi-GPU / multi-node runs are launched with ``torchrun`` and use DDP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from rein.config import Config, config_to_dict, save_config
+from rein.engine.checkpoint import (
+    capture_rng_state,
+    list_checkpoints,
+    load_checkpoint,
+    load_into,
+    restore_rng_state,
+    save_checkpoint,
+    write_json_atomic,
+)
+from rein.engine.distributed import barrier, init_distributed, is_main
+from rein.engine.evaluate import evaluate_domains
+from rein.engine.optim import PolyLR, build_optimizer
+
+__all__ = ["train", "StreamSampler", "SeededStream", "build_train_set", "build_val_sets", "run_dir"]
+
+
+# -- data stream -------------------------------------------------------------------------------
+class StreamSampler(Sampler):
+    """Infinite sample stream: position ``p`` -> (p, dataset index), sharded over ranks.
+
+    Epoch ``e`` is a permutation drawn from ``(seed, e)``; global position ``g`` belongs to rank
+    ``g % world``. Starting at ``start`` (a global position) resumes the stream exactly.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+        if size < 1:
+            raise ValueError("the training set is empty")
+        self.size, self.seed, self.rank, self.world, self.start = size, seed, rank, world, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = self.start + self.rank
+        perm_epoch, perm = -1, None
+        while True:
+            epoch, offset = divmod(g, self.size)
+            if epoch != perm_epoch:
+                gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                perm, perm_epoch = torch.randperm(self.size, generator=gen).tolist(), epoch
+            yield g, perm[offset]  # type: ignore[index]
+            g += self.world
+
+    def __len__(self) -> int:  # pragma: no cover - infinite
+        return 2**62
+
+
+class SeededStream(Dataset):
+    """Wraps datasets so sample ``(position, index)`` is augmented with rng ``(seed, position)``."""
+
+    def __init__(self, datasets: list[Dataset], pipeline: Callable, seed: int) -> None:
+        self.datasets = datasets
+        self.pipeline = pipeline
+        self.seed = seed
+        self.offsets = np.cumsum([0] + [len(d) for d in datasets])  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        position, index = key
+        k = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        rng = np.random.default_rng([self.seed, position])
+        return self.datasets[k].sample(index - int(self.offsets[k]), self.pipeline, rng)
+
+
+def _collate(batch: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([s["image"] for s in batch]), torch.stack([s["label"] for s in batch])
+
+
+def build_train_set(cfg: Config) -> list[Dataset]:
+    from rein.data import build_dataset
+
+    if not cfg.data.train:
+        raise ValueError("data.train is empty: list at least one training dataset in the config")
+    return [
+        build_dataset(d.name, root=d.root, split=d.split, skip_bad=cfg.data.skip_bad, **d.options)
+        for d in cfg.data.train
+    ]
+
+
+def build_val_sets(cfg: Config) -> dict[str, Dataset]:
+    """Target-domain datasets with their evaluation pipelines, keyed by a unique name."""
+    from rein.data import build_dataset, build_eval_pipeline
+
+    out: dict[str, Dataset] = {}
+    for d in cfg.data.val:
+        name = d.name if d.name not in out else f"{d.name}_{len(out)}"
+        if d.name == "acdc" and d.options.get("condition"):
+            name = f"acdc_{d.options['condition']}"
+        if d.name == "synthetic" and d.options.get("style"):
+            name = str(d.options["style"])
+        out[name] = build_dataset(
+            d.name, root=d.root, split=d.split, skip_bad=cfg.data.skip_bad,
+            transform=build_eval_pipeline(d.name, crop=cfg.eval.crop_size), **d.options,
+        )
+    return out
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.output_dir) / cfg.name
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _Logger:
+    """JSONL (always) and TensorBoard (when installed) scalars, main rank only."""
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"iter": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def train(
+    cfg: Config,
+    resume: bool = True,
+    progress: bool = True,
+    model: nn.Module | None = None,
+    train_sets: list[Dataset] | None = None,
+    val_sets: dict[str, Dataset] | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg``; return ``{"iteration", "best", "last_eval", "out_dir"}``.
+
+    ``model``/``train_sets``/``val_sets`` replace the ones the config describes (the demo and
+    tests use them). ``stop_after`` ends the run early after that many iterations of this call
+    (as an interruption would), after writing ``latest``.
+    """
+    from rein.data import build_train_pipeline
+    from rein.data.labels import CLASS_NAMES
+    from rein.segmentor import build_segmentor
+
+    rank, world, _, device = init_distributed()
+    out = run_dir(cfg)
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    tcfg, seed = cfg.train, cfg.train.seed
+    if tcfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    # 1. model (same init on every rank), optimizer, schedule
+    _seed_everything(seed)
+    if model is None:
+        model = build_segmentor(cfg.model)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = PolyLR(
+        optimizer, tcfg.max_iters, power=cfg.optim.poly_power, min_lr=cfg.optim.min_lr,
+        warmup_iters=cfg.optim.warmup_iters, warmup_ratio=cfg.optim.warmup_ratio,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=tcfg.amp == "fp16")
+
+    # 2. resume from `latest` when it exists
+    start, best = 0, -math.inf
+    if resume and list_checkpoints(out):
+        state, meta, train_state = load_checkpoint(out, "latest")
+        load_into(model, state)
+        optimizer.load_state_dict(train_state["optimizer"])
+        scheduler.load_state_dict(train_state["scheduler"])
+        scaler.load_state_dict(train_state["scaler"])
+        restore_rng_state(train_state["rng"])
+        start, best = int(meta["iteration"]), float(meta.get("best", -math.inf))
+        if is_main():
+            print(f"resumed from {out / 'latest.safetensors'} at iteration {start}")
+
+    ddp_model: nn.Module = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    # 3. data: an infinite stream whose position is a function of the iteration
+    datasets = train_sets if train_sets is not None else build_train_set(cfg)
+    stream = SeededStream(datasets, build_train_pipeline(crop=cfg.data.crop_size), seed)
+    per_rank_batch = cfg.data.batch_size
+    samples_per_iter = per_rank_batch * world * tcfg.grad_accum
+    sampler = StreamSampler(len(stream), seed, rank, world, start=start * samples_per_iter)
+    loader = DataLoader(
+        stream, batch_size=per_rank_batch, sampler=sampler, num_workers=cfg.data.num_workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda",
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+    batches = iter(loader)
+    if val_sets is None:
+        val_sets = build_val_sets(cfg) if cfg.data.val else {}
+
+    # 4. iterate
+    logger = _Logger(out, is_main())
+    params = [p for p in model.parameters() if p.requires_grad]
+    end = tcfg.max_iters if stop_after is None else min(tcfg.max_iters, start + stop_after)
+    bar = None
+    if progress and is_main():
+        from tqdm import tqdm
+
+        bar = tqdm(total=tcfg.max_iters, initial=start, desc=cfg.name, dynamic_ncols=True)
+    model.train()
+    last_eval: dict[str, Any] = {}
+    loss_gen = torch.Generator(device=device)
+    t0, it = time.perf_counter(), start
+    for it in range(start, end):
+        logs: dict[str, float] = {}
+        for micro in range(tcfg.grad_accum):
+            images, labels = next(batches)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            loss_gen.manual_seed(seed * 1_000_003 + (it * tcfg.grad_accum + micro) * world + rank)
+            sync = micro == tcfg.grad_accum - 1 or world == 1
+            ctx = nullcontext() if sync else ddp_model.no_sync()  # type: ignore[operator]
+            with ctx, _autocast(tcfg.amp, device):
+                cls_preds, mask_preds = ddp_model(images)
+                losses = model.criterion(cls_preds, mask_preds, labels, generator=loss_gen)  # type: ignore[union-attr, operator]
+            scaler.scale(losses["loss"] / tcfg.grad_accum).backward()
+            for k in ("loss", "loss_cls", "loss_mask", "loss_dice"):
+                logs[k] = logs.get(k, 0.0) + float(losses[k].detach()) / tcfg.grad_accum
+        if cfg.optim.grad_clip:
+            scaler.unscale_(optimizer)
+            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        logs["lr"] = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        done = it + 1
+        if not math.isfinite(logs["loss"]):
+            raise FloatingPointError(
+                f"loss is {logs['loss']} at iteration {done}; lower optim.lr, enable "
+                f"optim.grad_clip, or use train.amp=bf16 instead of fp16"
+            )
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs['lr']:.2e}")
+        if done % tcfg.log_interval == 0 or done == end:
+            logs["sec_per_iter"] = (time.perf_counter() - t0) / max(done - start, 1)
+            logger.log(done, logs)
+
+        evaluated = False
+        if val_sets and tcfg.val_interval and (done % tcfg.val_interval == 0 or done == tcfg.max_iters):
+            last_eval = evaluate_domains(
+                model, val_sets, cfg.model.head.num_classes, cfg.eval,
+                class_names=list(CLASS_NAMES) if cfg.model.head.num_classes == len(CLASS_NAMES) else None,
+                device=device, progress=progress, distributed=world > 1,
+            )
+            evaluated = True
+            logger.log(done, {f"val/{k}": (v["mIoU"] if isinstance(v, dict) else v) for k, v in last_eval.items()})
+        is_ckpt = done % tcfg.checkpoint_interval == 0 or done == end
+        improved = evaluated and last_eval.get("DG avg", -math.inf) > best
+        if improved:
+            best = float(last_eval["DG avg"])
+        if is_ckpt or evaluated:
+            _save(cfg, model, optimizer, scheduler, scaler, out, done, best, last_eval, evaluated)
+        if improved:
+            _save(cfg, model, optimizer, scheduler, scaler, out, done, best, last_eval, True, "best")
+    if bar is not None:
+        bar.close()
+    logger.close()
+    if last_eval and is_main():
+        write_json_atomic(last_eval, out / "eval_last.json")
+    barrier()
+    return {"iteration": it + 1 if end > start else start, "best": best, "last_eval": last_eval, "out_dir": out}
+
+
+def _save(cfg, model, optimizer, scheduler, scaler, out, done, best, last_eval, evaluated, tag="latest"):
+    if not is_main():
+        return
+    train_state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": capture_rng_state(),
+        "iteration": done,
+    }
+    meta = {"config": config_to_dict(cfg), "iteration": done, "best": best}
+    if evaluated:
+        meta["eval"] = {k: (v["mIoU"] if isinstance(v, dict) else v) for k, v in last_eval.items()}
+    save_checkpoint(out, tag, model.trainable_state_dict(), meta, train_state if tag == "latest" else None)

@@ -1,0 +1,204 @@
+"""Backbone + Mask2Former head: training loss and whole / sliding-window inference.
+
+Inference follows the official (mmseg) semantics exactly:
+
+* the head's last prediction is upsampled (bilinear) to the input size and turned into class
+  scores ``sum_q softmax(cls)[:-1] * sigmoid(mask)`` (sums of probabilities, not logits);
+* **slide** mode runs the whole model on ``crop x crop`` windows with ``stride``, sums the window
+  scores into the canvas and divides by the per-pixel window count;
+* the scores are resized (bilinear, ``align_corners=False``) to the original image size.
+
+Inputs whose sides are not multiples of the patch size are padded (bottom/right, zeros) before
+the backbone and the scores are cropped back, so any image size works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rein.backbones.vit import ReinViT
+from rein.heads.mask2former import Mask2FormerHead
+from rein.losses import Mask2FormerCriterion
+
+__all__ = ["Segmentor", "build_segmentor", "slide_windows"]
+
+
+class Segmentor(nn.Module):
+    """A frozen (or tuned) backbone with Rein, and a Mask2Former decode head.
+
+    ``backbone(images) -> (features, queries)``; ``decode_head(features, queries)`` returns the
+    class and mask predictions of every decoder layer.
+    """
+
+    def __init__(
+        self,
+        backbone: ReinViT,
+        decode_head: Mask2FormerHead,
+        criterion: Mask2FormerCriterion | None = None,
+        num_classes: int = 19,
+        window_batch: int = 4,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.decode_head = decode_head
+        self.criterion = criterion
+        self.num_classes = num_classes
+        self.window_batch = window_batch
+
+    # -- training -----------------------------------------------------------------------------
+    def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Images (B, 3, H, W) -> per-layer class logits (B, Q, K+1) and masks (B, Q, H/4, W/4)."""
+        feats, queries = self.backbone(images)
+        return self.decode_head(feats, queries)
+
+    def loss(
+        self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """Mask2Former losses for a batch; ``labels`` (B, H, W) with 255 = ignore."""
+        if self.criterion is None:
+            raise RuntimeError("this Segmentor was built without a criterion (inference only)")
+        cls_preds, mask_preds = self(images)
+        return self.criterion(cls_preds, mask_preds, labels, generator=generator)
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Only the weights that train (Rein + head, or whatever the tuning method unfroze)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict(keep_vars=False).items() if k in names}
+
+    def parameter_groups(self) -> dict[str, tuple[int, int]]:
+        """``{group: (total, trainable)}`` for backbone, rein and head."""
+        groups: dict[str, list[int]] = {"backbone": [0, 0], "rein": [0, 0], "head": [0, 0]}
+        for name, p in self.named_parameters():
+            group = "rein" if name.startswith("backbone.reins.") else name.split(".")[0]
+            group = {"decode_head": "head"}.get(group, group)
+            groups.setdefault(group, [0, 0])
+            groups[group][0] += p.numel()
+            groups[group][1] += p.numel() if p.requires_grad else 0
+        return {k: (v[0], v[1]) for k, v in groups.items()}
+
+    # -- inference ----------------------------------------------------------------------------
+    def seg_scores(self, images: Tensor) -> Tensor:
+        """Class scores (B, K, H, W) at the input size, padding to the patch size if needed."""
+        h, w = images.shape[-2:]
+        p = self.backbone.patch_size
+        pad_h, pad_w = (-h) % p, (-w) % p
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h))
+        cls_preds, mask_preds = self(images)
+        scores = self.decode_head.predict_seg(cls_preds[-1], mask_preds[-1], images.shape[-2:])
+        return scores[..., :h, :w]
+
+    @torch.no_grad()
+    def inference(
+        self,
+        images: Tensor,
+        mode: str = "slide",
+        crop_size: int | tuple[int, int] = 512,
+        stride: int | tuple[int, int] = 341,
+        out_size: tuple[int, int] | None = None,
+        flip: bool = False,
+    ) -> Tensor:
+        """Class scores (B, K, *out_size) for normalised images (B, 3, H, W).
+
+        ``mode`` is ``"whole"`` or ``"slide"``; ``out_size`` (the original image size) defaults to
+        the input size; ``flip`` averages with the horizontally flipped image.
+        """
+        if mode not in ("whole", "slide"):
+            raise ValueError(f"unknown inference mode '{mode}'; use 'whole' or 'slide'")
+        run = (
+            self.seg_scores
+            if mode == "whole"
+            else (lambda x: self.slide_scores(x, crop_size, stride))
+        )
+        scores = run(images)
+        if flip:
+            scores = (scores + run(images.flip(-1)).flip(-1)) / 2
+        if out_size is not None and tuple(out_size) != tuple(scores.shape[-2:]):
+            scores = F.interpolate(
+                scores, size=tuple(out_size), mode="bilinear", align_corners=False
+            )
+        return scores
+
+    def slide_scores(
+        self, images: Tensor, crop_size: int | tuple[int, int], stride: int | tuple[int, int]
+    ) -> Tensor:
+        """mmseg ``slide_inference``: sum of window scores divided by the overlap count."""
+        batch, _, h_img, w_img = images.shape
+        windows = list(slide_windows(h_img, w_img, crop_size, stride))
+        scores = images.new_zeros((batch, self.num_classes, h_img, w_img))
+        count = images.new_zeros((1, 1, h_img, w_img))
+        # Windows of equal size run as one batch (at most `window_batch` windows at a time).
+        for chunk in _chunks(windows, max(1, self.window_batch // batch)):
+            by_size: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+            for win in chunk:
+                by_size.setdefault((win[1] - win[0], win[3] - win[2]), []).append(win)
+            for wins in by_size.values():
+                crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in wins])
+                out = self.seg_scores(crops)
+                for i, (y1, y2, x1, x2) in enumerate(wins):
+                    scores[:, :, y1:y2, x1:x2] += out[i * batch : (i + 1) * batch]
+                    count[:, :, y1:y2, x1:x2] += 1
+        return scores / count
+
+
+def slide_windows(
+    h_img: int, w_img: int, crop_size: int | tuple[int, int], stride: int | tuple[int, int]
+) -> Iterator[tuple[int, int, int, int]]:
+    """Window boxes ``(y1, y2, x1, x2)`` of mmseg's sliding-window inference."""
+    h_crop, w_crop = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
+    h_stride, w_stride = (stride, stride) if isinstance(stride, int) else stride
+    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y1, x1 = h_idx * h_stride, w_idx * w_stride
+            y2, x2 = min(y1 + h_crop, h_img), min(x1 + w_crop, w_img)
+            y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
+            yield y1, y2, x1, x2
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def build_segmentor(model_cfg, load_weights: bool = True, with_criterion: bool = True) -> Segmentor:
+    """Segmentor from a :class:`rein.config.ModelConfig` (tuning policy applied)."""
+    from rein.backbones import build_backbone
+    from rein.tuning import apply_tuning
+
+    backbone = build_backbone(model_cfg, load_weights=load_weights)
+    hcfg = model_cfg.head
+    query_source = (
+        "rein" if backbone.reins is not None and backbone.reins.link_token_to_query else "learned"
+    )
+    num_queries = backbone.reins.token_length if query_source == "rein" else hcfg.num_queries
+    head = Mask2FormerHead(
+        in_channels=backbone.out_channels,
+        num_classes=hcfg.num_classes,
+        feat_channels=hcfg.feat_channels,
+        num_queries=num_queries,
+        num_decoder_layers=hcfg.num_decoder_layers,
+        num_encoder_layers=hcfg.num_encoder_layers,
+        query_source=query_source,
+    )
+    criterion = None
+    if with_criterion:
+        lc = model_cfg.loss
+        criterion = Mask2FormerCriterion(
+            num_classes=hcfg.num_classes,
+            class_weight=lc.class_weight,
+            no_object_weight=lc.no_object_weight,
+            mask_weight=lc.mask_weight,
+            dice_weight=lc.dice_weight,
+            num_points=lc.num_points,
+            oversample_ratio=lc.oversample_ratio,
+            importance_sample_ratio=lc.importance_sample_ratio,
+        )
+    model = Segmentor(backbone, head, criterion, num_classes=hcfg.num_classes)
+    apply_tuning(model, model_cfg.tuning)
+    return model
