@@ -23,3 +23,33 @@ def tiny_rein_vit(embed_dim: int = 32, depth: int = 4, token_length: int = 6, **
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def tiny_model_config(tuning: str = "rein", **head):
+    """A ModelConfig for a tiny DINOv2-shaped model (32 channels, 4 blocks, 64 px)."""
+    from rein.config import config_from_dict
+
+    return config_from_dict(
+        {
+            "model": {
+                "tuning": tuning,
+                "backbone": {
+                    "name": "vit_small_patch14_dinov2",
+                    "patch_size": 16,
+                    "img_size": 64,
+                    "timm_kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2},
+                },
+                "rein": {"token_length": 8, "lora_dim": 4},
+                "head": {"feat_channels": 32, "num_queries": 8, "num_decoder_layers": 3,
+                         "num_encoder_layers": 1, **head},
+                "loss": {"num_points": 256},
+            }
+        }
+    ).model
+
+
+def tiny_segmentor(tuning: str = "rein", seed: int = 0):
+    from rein.segmentor import build_segmentor
+
+    torch.manual_seed(seed)
+    return build_segmentor(tiny_model_config(tuning))
