@@ -16,6 +16,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.work_dir:
         cfg.output_dir = args.work_dir
     result = train(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    from rein.engine.distributed import is_main
+
+    if not is_main():
+        return 0
     print(f"finished at iteration {result['iteration']}; checkpoints in {result['out_dir']}")
     if result["last_eval"]:
         _print_eval(result["last_eval"])

@@ -122,6 +122,9 @@ class ModelConfig:
     """Backbone + tuning method + head + loss."""
 
     tuning: str = field(default="rein", metadata=_choices(*TUNING_METHODS))
+    # Options of the tuning method, e.g. {rank: 16, targets: [qkv]} for lora,
+    # {num_prompts: 10} for vpt, {bottleneck: 64} for adaptformer.
+    tuning_options: dict[str, Any] = field(default_factory=dict)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     rein: ReinConfig = field(default_factory=ReinConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -148,6 +151,9 @@ class DataConfig:
     batch_size: int = 4
     num_workers: int = 2
     skip_bad: bool = False
+    # False: no random resize / flip / photometric distortion (only crop + pad), e.g. for
+    # pre-cropped data or debugging.
+    augment: bool = True
 
 
 @dataclass

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 __all__ = [
     "point_sample",
     "get_uncertain_point_coords_with_randomness",
+    "grid_coords",
     "sem_seg_to_instances",
     "sigmoid_bce_cost",
     "dice_cost",
@@ -47,6 +48,18 @@ def _rand(
     if generator is None:
         return torch.rand(shape, device=device)
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+
+def grid_coords(h: int, w: int, device: torch.device | None = None) -> Tensor:
+    """Pixel-centre coordinates of an (h, w) map as (1, h*w, 2) in [0, 1] (x, y), row-major.
+
+    Used when ``num_points <= 0``: the losses then use every pixel of the mask predictions
+    (deterministic, no random points).
+    """
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx, gy], dim=-1).reshape(1, h * w, 2)
 
 
 def point_sample(input: Tensor, coords: Tensor) -> Tensor:
@@ -194,7 +207,9 @@ class HungarianMatcher(nn.Module):
         """
         q = mask_pred.shape[0]
         g = gt_masks.shape[0]
-        if point_coords is None:
+        if point_coords is None and self.num_points <= 0:
+            point_coords = grid_coords(*mask_pred.shape[-2:], device=mask_pred.device)
+        elif point_coords is None:
             point_coords = _rand((1, self.num_points, 2), mask_pred.device, generator)
         point_coords = point_coords.reshape(1, -1, 2).to(mask_pred.device)  # (1, P, 2)
         pred_pts = point_sample(
@@ -346,20 +361,23 @@ class Mask2FormerCriterion(nn.Module):
         src = mask_pred[batch_idx_t, pred_idx_t].float()  # (M, h, w)
         tgt = torch.cat(matched_masks).float()  # (M, H, W)
         with torch.no_grad():
-            coords = get_uncertain_point_coords_with_randomness(
-                src.detach().unsqueeze(1),
-                self.num_points,
-                self.oversample_ratio,
-                self.importance_sample_ratio,
-                generator,
-            )  # (M, P, 2)
+            if self.num_points <= 0:  # dense: every pixel of the prediction
+                coords = grid_coords(*src.shape[-2:], device=device).expand(len(src), -1, -1)
+            else:
+                coords = get_uncertain_point_coords_with_randomness(
+                    src.detach().unsqueeze(1),
+                    self.num_points,
+                    self.oversample_ratio,
+                    self.importance_sample_ratio,
+                    generator,
+                )  # (M, P, 2)
             tgt_pts = point_sample(tgt.unsqueeze(1), coords).squeeze(1)  # (M, P)
         src_pts = point_sample(src.unsqueeze(1), coords).squeeze(1)  # (M, P)
 
         loss_dice = dice_loss(src_pts, tgt_pts).sum() / num_total_masks * self.dice_weight
         loss_mask = (
             F.binary_cross_entropy_with_logits(src_pts, tgt_pts, reduction="sum")
-            / (num_total_masks * self.num_points)
+            / (num_total_masks * coords.shape[1])
             * self.mask_weight
         )
         return loss_cls, loss_mask, loss_dice

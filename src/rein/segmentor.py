@@ -70,10 +70,13 @@ class Segmentor(nn.Module):
         return {k: v for k, v in self.state_dict(keep_vars=False).items() if k in names}
 
     def parameter_groups(self) -> dict[str, tuple[int, int]]:
-        """``{group: (total, trainable)}`` for backbone, rein and head."""
+        """``{group: (total, trainable)}`` for backbone, rein, head (and lora / vpt / adaptformer)."""
+        from rein.tuning import param_group
+
         groups: dict[str, list[int]] = {"backbone": [0, 0], "rein": [0, 0], "head": [0, 0]}
         for name, p in self.named_parameters():
             group = "rein" if name.startswith("backbone.reins.") else name.split(".")[0]
+            group = param_group(name) or group
             group = {"decode_head": "head"}.get(group, group)
             groups.setdefault(group, [0, 0])
             groups[group][0] += p.numel()
@@ -200,5 +203,5 @@ def build_segmentor(model_cfg, load_weights: bool = True, with_criterion: bool =
             importance_sample_ratio=lc.importance_sample_ratio,
         )
     model = Segmentor(backbone, head, criterion, num_classes=hcfg.num_classes)
-    apply_tuning(model, model_cfg.tuning)
+    apply_tuning(model, model_cfg.tuning, model_cfg.tuning_options)
     return model

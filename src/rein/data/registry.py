@@ -38,6 +38,9 @@ def _folder(root: str | os.PathLike | None, split: str | None, **kw: Any) -> Fol
 
 
 def _synthetic(root: str | os.PathLike | None, split: str | None, **kw: Any) -> SyntheticDataset:
+    kw.pop("skip_bad", None)  # rendered scenes are never bad
+    if "size" in kw:
+        kw["size"] = tuple(kw["size"])
     return SyntheticDataset(split=split or "train", **kw)
 
 

@@ -187,6 +187,7 @@ def train(
     (as an interruption would), after writing ``latest``.
     """
     from rein.data import build_train_pipeline
+    from rein.data.transforms import short_edge_scales
     from rein.data.labels import CLASS_NAMES
     from rein.segmentor import build_segmentor
 
@@ -220,7 +221,8 @@ def train(
         scheduler.load_state_dict(train_state["scheduler"])
         scaler.load_state_dict(train_state["scaler"])
         restore_rng_state(train_state["rng"])
-        start, best = int(meta["iteration"]), float(meta.get("best", -math.inf))
+        start = int(meta["iteration"])
+        best = -math.inf if meta.get("best") is None else float(meta["best"])
         if is_main():
             print(f"resumed from {out / 'latest.safetensors'} at iteration {start}")
 
@@ -232,7 +234,15 @@ def train(
 
     # 3. data: an infinite stream whose position is a function of the iteration
     datasets = train_sets if train_sets is not None else build_train_set(cfg)
-    stream = SeededStream(datasets, build_train_pipeline(crop=cfg.data.crop_size), seed)
+    crop = cfg.data.crop_size
+    # The spec's short-edge scales (256..1024 for 512 crops) scale with the crop size.
+    if cfg.data.augment:
+        pipeline = build_train_pipeline(crop=crop, scales=short_edge_scales(crop), max_long=4 * crop)
+    else:
+        pipeline = build_train_pipeline(
+            crop=crop, scales=[crop], cat_max_ratio=1.0, flip_p=0.0, photometric=False
+        )
+    stream = SeededStream(datasets, pipeline, seed)
     per_rank_batch = cfg.data.batch_size
     samples_per_iter = per_rank_batch * world * tcfg.grad_accum
     sampler = StreamSampler(len(stream), seed, rank, world, start=start * samples_per_iter)
