@@ -183,23 +183,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``rein`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from rein.backbones.weights import WeightsError
-    from rein.config import ConfigError
+    import os
 
-    known: tuple[type[BaseException], ...] = (ConfigError, WeightsError, FileNotFoundError)
-    try:
-        from rein.data.errors import DataError  # noqa: F401
+    from rein.engine.checkpoint import CheckpointError
 
-        known = (*known, DataError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from rein.engine.checkpoint import CheckpointError
-        from rein.interop import InteropError
-
-        known = (*known, CheckpointError, InteropError)
-    except ImportError:  # pragma: no cover
-        pass
+    # Configuration, data, weights and checkpoint errors (all ValueError subclasses, or
+    # CheckpointError) are the user's to fix: one clear line, no traceback (REIN_DEBUG=1
+    # shows it).
+    known: tuple[type[BaseException], ...] = (
+        ValueError, FileNotFoundError, CheckpointError, NotImplementedError,
+    )
+    if os.environ.get("REIN_DEBUG"):
+        known = ()
     try:
         return int(args.func(args) or 0)
     except known as exc:

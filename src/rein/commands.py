@@ -37,8 +37,13 @@ def _load_model(cfg, checkpoint: str):
 
         load_official(model, path)
     else:
-        state, _, _ = load_checkpoint(path, "latest" if path.is_dir() else "latest")
-        load_into(model, state)
+        from rein.engine.checkpoint import CheckpointError
+
+        state, _, _ = load_checkpoint(path, "latest")
+        try:
+            load_into(model, state)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
     return model.eval()
 
 

@@ -1,11 +1,13 @@
 """A frozen timm Vision Transformer with Rein after every block.
 
-:class:`ReinViT` wraps an unmodified timm ``VisionTransformer`` (DINOv2 with or without
-registers, CLIP, MAE, ...). It runs the patch embedding and the blocks itself so that Rein can
-refine the patch tokens after *every* block; the prefix tokens (class, registers) pass through
-untouched. It returns four maps taken at ``out_indices`` *without* the final norm, resized from
-stride ``patch`` to strides 4/8/16/32 (x4, x2, x1, x0.5 bilinear, as the official code), plus the
-Rein-link queries.
+:class:`ReinViT` wraps an unmodified timm ``VisionTransformer``: DINOv2 (S/B/L/g, with or without
+registers), CLIP (pre-norm, ``norm_pre``) and MAE. It runs the patch embedding and the blocks
+itself so that Rein can refine the patch tokens after *every* block; the prefix tokens (class,
+registers) pass through untouched. It returns four maps taken at ``out_indices`` *without* the
+final norm, resized from stride ``patch`` to strides 4/8/16/32 (x4, x2, x1, x0.5 bilinear, as the
+official code), plus the Rein-link queries. With a patch size other than 16 the maps are at
+strides p/4, p/2, p and 2p; the configs therefore run every ViT at patch 16 (the patch kernel and
+the positional grid are converted when the weights load, as the official code does offline).
 
 Positional embeddings follow the DINOv2 rule of the official code: they are interpolated
 (bicubic with ``scale_factor`` and the "+0.1" trick) only when the patch grid differs from the
@@ -14,21 +16,37 @@ stored grid or the input is not square.
 
 from __future__ import annotations
 
-import difflib
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rein.backbones.base import (
+    OUT_SCALES,
+    ReinBackbone,
+    check_input_size,
+    check_out_indices,
+    check_reins_fit,
+    create_timm_model,
+    timm_patch_size,
+    to_strides,
+)
 from rein.reins import Reins
 
 __all__ = ["ReinViT", "default_out_indices", "create_timm_vit", "OUT_SCALES"]
 
-# Resize factors that turn the four stride-16 maps into strides 4, 8, 16 and 32.
-OUT_SCALES = (4.0, 2.0, 1.0, 0.5)
+_KNOWN_OUT_INDICES = {
+    12: [3, 5, 7, 11],
+    24: [7, 11, 15, 23],
+    32: [7, 15, 23, 31],
+    40: [9, 19, 29, 39],
+}
 
-_KNOWN_OUT_INDICES = {12: [3, 5, 7, 11], 24: [7, 11, 15, 23], 32: [7, 15, 23, 31], 40: [9, 19, 29, 39]}
+# Kept under its first name: builds any timm backbone, ViT or not.
+create_timm_vit = create_timm_model
 
 
 def default_out_indices(depth: int) -> list[int]:
@@ -38,18 +56,7 @@ def default_out_indices(depth: int) -> list[int]:
     return [max(0, round(depth * f) - 1) for f in (1 / 3, 1 / 2, 2 / 3)] + [depth - 1]
 
 
-def create_timm_vit(name: str, **kwargs) -> nn.Module:
-    """``timm.create_model(name, pretrained=False, num_classes=0, **kwargs)`` with a clear error."""
-    import timm
-
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
-        hint = f"; closest timm names: {', '.join(close)}" if close else ""
-        raise ValueError(f"unknown backbone '{name}'{hint}")
-    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-
-
-class ReinViT(nn.Module):
+class ReinViT(ReinBackbone):
     """Frozen timm ViT + :class:`~rein.reins.Reins` after every block.
 
     Args:
@@ -74,52 +81,26 @@ class ReinViT(nn.Module):
         self.vit = vit
         self.embed_dim: int = vit.embed_dim
         self.depth = len(vit.blocks)
-        self.patch_size = _patch_size(vit)
+        self.patch_size = timm_patch_size(vit)
         self.num_prefix_tokens: int = getattr(vit, "num_prefix_tokens", 1)
-        self.out_indices = list(out_indices) if out_indices else default_out_indices(self.depth)
-        if len(self.out_indices) != 4 or not all(0 <= i < self.depth for i in self.out_indices):
-            raise ValueError(
-                f"out_indices must be 4 block indices in [0, {self.depth}); got {self.out_indices}"
-            )
+        self.out_indices = check_out_indices(
+            out_indices if out_indices else default_out_indices(self.depth), self.depth
+        )
         self.last_index = max(self.out_indices)
         if mask_token:
             self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))
-        if reins is not None:
-            if reins.embed_dims != self.embed_dim:
-                raise ValueError(
-                    f"Rein embed_dims={reins.embed_dims} does not match the backbone width "
-                    f"{self.embed_dim}; set it to {self.embed_dim}"
-                )
-            if reins.num_layers != self.depth:
-                raise ValueError(
-                    f"Rein num_layers={reins.num_layers} but the backbone has {self.depth} "
-                    f"blocks; Rein follows every block, set num_layers={self.depth}"
-                )
+        check_reins_fit(reins, self.depth, self.embed_dim)
         self.reins = reins
-        self.frozen = freeze
         if freeze:
             self.freeze()
 
     @property
+    def timm_model(self) -> nn.Module:
+        return self.vit
+
+    @property
     def out_channels(self) -> list[int]:
         return [self.embed_dim] * 4
-
-    def frozen_parameters(self):
-        """Parameters of the foundation model (everything but Rein)."""
-        return (p for n, p in self.named_parameters() if not n.startswith("reins."))
-
-    def freeze(self) -> None:
-        """Stop weight gradients of the foundation model; it stays in eval mode."""
-        self.frozen = True
-        for p in self.frozen_parameters():
-            p.requires_grad_(False)
-        self.vit.eval()
-
-    def train(self, mode: bool = True) -> ReinViT:
-        super().train(mode)
-        if self.frozen:
-            self.vit.eval()  # no dropout / drop-path in the frozen model
-        return self
 
     # -- tokens -------------------------------------------------------------------------------
     def _prefix_tokens(self, batch: int) -> list[Tensor]:
@@ -154,13 +135,7 @@ class ReinViT(nn.Module):
     def embed(self, x: Tensor) -> tuple[Tensor, int, int]:
         """Patch embedding + prefix tokens + positional embedding -> (B, P + h*w, C), h, w."""
         batch, _, img_h, img_w = x.shape
-        p = self.patch_size
-        if img_h % p or img_w % p:
-            ok_h, ok_w = math.ceil(img_h / p) * p, math.ceil(img_w / p) * p
-            raise ValueError(
-                f"input size {img_h}x{img_w} is not a multiple of the patch size {p}; "
-                f"pad it to {ok_h}x{ok_w} (the segmentor pads automatically)"
-            )
+        check_input_size(img_h, img_w, self.patch_size)
         pe = self.vit.patch_embed
         tokens = pe.proj(x)  # (B, C, h, w)
         h, w = tokens.shape[-2:]
@@ -177,29 +152,30 @@ class ReinViT(nn.Module):
         tokens = self.vit.norm_pre(tokens)
         return tokens, h, w
 
+    # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
         """Images (B, 3, H, W) -> ([4 maps (B, C, H/4..H/32, ...)], queries (m, Q) or None)."""
         tokens, h, w = self.embed(x)
-        batch, n_prefix = x.shape[0], self.num_prefix_tokens
+        return self.forward_tokens(tokens, h, w)
+
+    def forward_tokens(
+        self,
+        tokens: Tensor,
+        h: int,
+        w: int,
+        block_kwargs: Callable[[int], dict[str, Any]] | None = None,
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """Blocks with Rein after each on embedded tokens (B, P + h*w, C) -> outputs.
+
+        ``block_kwargs(i)`` gives extra keyword arguments of block ``i`` (e.g. EVA's ``rope``).
+        """
+        batch, n_prefix = tokens.shape[0], self.num_prefix_tokens
         taken: dict[int, Tensor] = {}
         for i, block in enumerate(self.vit.blocks[: self.last_index + 1]):
-            tokens = block(tokens)
+            tokens = block(tokens, **block_kwargs(i)) if block_kwargs else block(tokens)
             if self.reins is not None:
                 tokens = self.reins(tokens, i, num_prefix_tokens=n_prefix)
             if i in self.out_indices:
                 taken[i] = tokens[:, n_prefix:].transpose(1, 2).reshape(batch, -1, h, w)
-        outs = [taken[i] for i in self.out_indices]
-        feats = [
-            fmap if s == 1 else F.interpolate(fmap, scale_factor=s, mode="bilinear", align_corners=False)
-            for fmap, s in zip(outs, OUT_SCALES)
-        ]
-        queries = None
-        if self.reins is not None and self.reins.link_token_to_query:
-            queries = self.reins.queries()
-        return feats, queries
-
-
-def _patch_size(vit: nn.Module) -> int:
-    ps = vit.patch_embed.patch_size
-    ps = ps if isinstance(ps, int) else ps[0]
-    return int(ps)
+        feats = to_strides([taken[i] for i in self.out_indices])
+        return feats, self.link_queries()

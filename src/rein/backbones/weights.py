@@ -1,22 +1,31 @@
-"""Pretrained weights for the frozen backbone.
+"""Pretrained weights for the frozen backbone, for every family (ViT, EVA, SAM, ConvNet).
 
 Sources, in the order :func:`load_backbone_weights` tries them:
 
-* ``"timm"`` (or ``"timm:NAME"``): timm's pretrained weights for the configured model name, from
-  the local Hugging Face cache or the network, at the model's native patch size, then converted
-  with :func:`convert_vit_state_dict` below when our model uses another patch size or grid.
-* a local ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` file in timm's layout or in the
-  **original DINOv2 torch-hub layout** (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``,
+* ``"timm"`` (or ``"timm:NAME"``): timm's pretrained weights for the configured model name (a
+  pretrained tag such as ``vit_large_patch16_224.mae`` selects them), from the local Hugging Face
+  cache or the network, at the model's native patch size and resolution, then converted to ours.
+* a local ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` file in timm's layout or, for DINOv2,
+  in the **original torch-hub layout** (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``,
   ``blocks.{i}.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}.*``,
-  ``norm.*``, ``mask_token``; registers as ``register_tokens``). Wrappers such as
-  ``{"state_dict": ...}``, ``{"model": ...}`` or ``{"teacher": ...}`` and the prefixes
-  ``module.``/``backbone.`` are removed.
+  ``norm.*``, ``mask_token``; registers as ``register_tokens``; the giant's SwiGLU as
+  ``mlp.w12`` / ``mlp.w3``). Wrappers such as ``{"state_dict": ...}``, ``{"model": ...}`` or
+  ``{"teacher": ...}`` and the prefixes ``module.``/``backbone.`` are removed, and classifier
+  keys the headless model lacks (``fc.*``, ``head.*``) are dropped.
 
-The official Rein code converts DINOv2 (patch 14, 37x37 grid at 518 px) offline to patch 16 and a
-32x32 grid: the patch kernel is resized 14x14 -> 16x16 and the patch positional embedding
-37x37 -> 32x32, both bicubic with ``align_corners=False``. :func:`convert_vit_state_dict` does
-exactly that and ``rein convert-backbone`` writes the result to disk.
+Conversions to the model's shapes, by family:
 
+* ViT / EVA: the official Rein code converts (offline) patch 14 to patch 16 and the positional
+  grid to 32x32: the patch kernel is resized 14x14 -> 16x16 and the patch positional embedding
+  37x37 -> 32x32, both bicubic with ``align_corners=False``. :func:`convert_vit_state_dict` does
+  exactly that and ``rein convert-backbone`` writes the result to disk.
+* SAM: the 2-D positional embedding (1, H, W, C) is resampled as timm's SAM does at run time
+  (bicubic, antialiased) and the relative-position tables of the global-attention blocks are
+  resized linearly as SAM's ``get_rel_pos`` does (:func:`convert_sam_state_dict`), so a 1024-px
+  SAM file gives the same outputs at 512 px as the original model run at 512 px.
+* ConvNeXt / ResNet: none.
+
+Then keys and shapes must match exactly; nothing is loaded partially.
 ``torch.load`` always runs with ``weights_only=True``: no pickled code is executed.
 """
 
@@ -36,6 +45,7 @@ __all__ = [
     "write_state_dict",
     "normalize_vit_keys",
     "convert_vit_state_dict",
+    "convert_sam_state_dict",
     "load_backbone_weights",
 ]
 
@@ -117,10 +127,20 @@ def normalize_vit_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
                 changed = True
     if "register_tokens" in out:
         out["reg_token"] = out.pop("register_tokens")
+    # DINOv2-g's SwiGLU ("mlp.w12" packed gate+value, "mlp.w3" out) -> timm's "mlp.fc1"/"mlp.fc2"
+    out = {_swiglu_name(k): v for k, v in out.items()}
     # DINOv2's chunked blocks ("blocks.0.3.attn...") -> flat ("blocks.3.attn...")
     if any(k.startswith("blocks.") and k.split(".")[2].isdigit() for k in out if k.count(".") > 2):
         out = {_unchunk(k): v for k, v in out.items()}
     return out
+
+
+def _swiglu_name(key: str) -> str:
+    parts = key.split(".")
+    if len(parts) == 5 and parts[0] == "blocks" and parts[2] == "mlp" and parts[3] in ("w12", "w3"):
+        parts[3] = "fc1" if parts[3] == "w12" else "fc2"
+        return ".".join(parts)
+    return key
 
 
 def _unchunk(key: str) -> str:
@@ -144,11 +164,7 @@ def convert_vit_state_dict(
     """
     out = dict(state)
     grid_hw = (grid, grid) if isinstance(grid, int) else tuple(grid)
-    w = out.get("patch_embed.proj.weight")
-    if w is not None and tuple(w.shape[-2:]) != (patch_size, patch_size):
-        out["patch_embed.proj.weight"] = F.interpolate(
-            w.float(), size=(patch_size, patch_size), mode="bicubic", align_corners=False
-        ).to(w.dtype)
+    _resize_patch_kernel(out, patch_size)
     pos = out.get("pos_embed")
     if pos is not None:
         prefix, patch = pos[:, :num_prefix_pos], pos[:, num_prefix_pos:]
@@ -161,6 +177,51 @@ def convert_vit_state_dict(
             patch = F.interpolate(patch, size=grid_hw, mode="bicubic", align_corners=False)
             patch = patch.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos.dtype)
             out["pos_embed"] = torch.cat([prefix, patch], dim=1)
+    return out
+
+
+def _resize_patch_kernel(state: dict[str, Tensor], patch_size: int) -> None:
+    """Resize ``patch_embed.proj.weight`` in place to ``patch_size`` (bicubic, as official)."""
+    w = state.get("patch_embed.proj.weight")
+    if w is not None and tuple(w.shape[-2:]) != (patch_size, patch_size):
+        state["patch_embed.proj.weight"] = F.interpolate(
+            w.float(), size=(patch_size, patch_size), mode="bicubic", align_corners=False
+        ).to(w.dtype)
+
+
+def convert_sam_state_dict(
+    state: Mapping[str, Tensor], target: Mapping[str, Tensor], patch_size: int
+) -> dict[str, Tensor]:
+    """Fit a SAM encoder state to a model of another resolution (shapes of ``target``).
+
+    The patch kernel is resized as for ViTs; the (1, H, W, C) positional embedding is resampled
+    with timm's ``resample_abs_pos_embed_nhwc`` (what timm's SAM does at run time) and every
+    ``rel_pos_h`` / ``rel_pos_w`` table whose length differs is resized linearly along the
+    relative distances (what SAM's ``get_rel_pos`` does at run time).
+    """
+    from timm.layers import resample_abs_pos_embed_nhwc
+
+    out = dict(state)
+    _resize_patch_kernel(out, patch_size)
+    pos, want = out.get("pos_embed"), target.get("pos_embed")
+    if (
+        pos is not None
+        and want is not None
+        and pos.dim() == 4
+        and pos.shape[1:3] != want.shape[1:3]
+    ):
+        out["pos_embed"] = resample_abs_pos_embed_nhwc(pos, list(want.shape[1:3]))
+    for key, rel in state.items():
+        if not key.endswith(("rel_pos_h", "rel_pos_w")) or key not in target:
+            continue
+        length = target[key].shape[0]
+        if rel.dim() == 2 and rel.shape[0] != length:
+            resized = F.interpolate(
+                rel.float().reshape(1, rel.shape[0], -1).permute(0, 2, 1),
+                size=length,
+                mode="linear",
+            )
+            out[key] = resized.reshape(-1, length).permute(1, 0).to(rel.dtype)
     return out
 
 
@@ -178,11 +239,12 @@ def _timm_pretrained_state(name: str) -> dict[str, Tensor]:
 
 
 def load_backbone_weights(backbone: nn.Module, source: str | Path, model_name: str = "") -> None:
-    """Load frozen-backbone weights into a :class:`~rein.backbones.vit.ReinViT`.
+    """Load frozen-backbone weights into any backbone wrapper (``ReinViT``, ``ReinEva``,
+    ``ReinSAM``, ``ReinConvNet``): the weights of its ``timm_model`` (+ DINOv2's ``mask_token``).
 
-    The patch kernel and positional grid are converted when they differ from the model's. Any
-    missing, unexpected or misshapen key raises :class:`WeightsError` naming the key and both
-    shapes; nothing is loaded partially.
+    ViT patch kernels and positional grids (and SAM's relative positions) are converted when they
+    differ from the model's. Any missing, unexpected or misshapen key raises
+    :class:`WeightsError` naming the key and both shapes; nothing is loaded partially.
     """
     src = str(source)
     if src == "timm" or src.startswith("timm:"):
@@ -191,23 +253,24 @@ def load_backbone_weights(backbone: nn.Module, source: str | Path, model_name: s
     else:
         state = read_state_dict(src)
     state = normalize_vit_keys(state)
-    vit = backbone.vit  # type: ignore[attr-defined]
-    n_prefix_pos = 0 if getattr(vit, "no_embed_class", False) else backbone.num_prefix_tokens  # type: ignore[attr-defined]
-    target = {f"vit.{k}": v for k, v in vit.state_dict().items()}
+    model = backbone.timm_model  # type: ignore[attr-defined]
+    prefix = next(n for n, m in backbone.named_children() if m is model)
+    own = model.state_dict()
+    state = _drop_classifier(state, model, own)
+    pos = own.get("pos_embed")
+    if pos is not None and pos.dim() == 4:  # SAM: (1, H, W, C) grid + relative positions
+        state = convert_sam_state_dict(state, own, backbone.patch_size)  # type: ignore[arg-type]
+    elif hasattr(model, "patch_embed"):
+        state = _fit_vit_state(state, backbone, model)
+    renamed = {
+        ("mask_token" if k == "mask_token" else f"{prefix}.{k}"): v for k, v in state.items()
+    }
+    target = {f"{prefix}.{k}": v for k, v in own.items()}
     if hasattr(backbone, "mask_token"):
         target["mask_token"] = backbone.mask_token
-    pos = state.get("pos_embed")
-    if n_prefix_pos == 0 and pos is not None and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1:
-        # Original DINOv2-with-registers files store the class position in pos_embed; timm keeps
-        # it out (no_embed_class), so fold it into the class token (same sum, same output).
-        state["cls_token"] = state["cls_token"] + pos[:, :1]
-        state["pos_embed"] = pos[:, 1:]
-    grid = _grid_of(vit, n_prefix_pos)
-    state = convert_vit_state_dict(state, backbone.patch_size, grid, n_prefix_pos)  # type: ignore[arg-type]
-    renamed = {("mask_token" if k == "mask_token" else f"vit.{k}"): v for k, v in state.items()}
-    if "mask_token" in target and "mask_token" not in renamed:
-        renamed["mask_token"] = torch.zeros_like(target["mask_token"])  # timm files lack it
-    if "mask_token" not in target:
+        if "mask_token" not in renamed:
+            renamed["mask_token"] = torch.zeros_like(target["mask_token"])  # timm files lack it
+    else:
         renamed.pop("mask_token", None)
     check_state_dict(renamed, target, src)
     with torch.no_grad():
@@ -218,7 +281,44 @@ def load_backbone_weights(backbone: nn.Module, source: str | Path, model_name: s
             dst.copy_(v.to(dst.dtype))  # type: ignore[union-attr]
 
 
+def _drop_classifier(
+    state: dict[str, Tensor], model: nn.Module, own: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Drop classifier keys (timm's ``pretrained_cfg['classifier']``) the headless model lacks."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if not names:
+        return state
+    return {
+        k: v
+        for k, v in state.items()
+        if k in own or not any(k == n or k.startswith(f"{n}.") for n in names)
+    }
+
+
+def _fit_vit_state(
+    state: dict[str, Tensor], backbone: nn.Module, vit: nn.Module
+) -> dict[str, Tensor]:
+    """Class-position folding (registers) + patch-kernel / positional-grid conversion."""
+    n_prefix = getattr(backbone, "num_prefix_tokens", 1)
+    n_prefix_pos = 0 if getattr(vit, "no_embed_class", False) else n_prefix
+    pos = state.get("pos_embed")
+    if (
+        n_prefix_pos == 0
+        and pos is not None
+        and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1
+    ):
+        # Original DINOv2-with-registers files store the class position in pos_embed; timm keeps
+        # it out (no_embed_class), so fold it into the class token (same sum, same output).
+        state["cls_token"] = state["cls_token"] + pos[:, :1]
+        state["pos_embed"] = pos[:, 1:]
+    grid = _grid_of(vit, n_prefix_pos)
+    return convert_vit_state_dict(state, backbone.patch_size, grid, n_prefix_pos)  # type: ignore[arg-type]
+
+
 def _grid_of(vit: nn.Module, n_prefix_pos: int) -> tuple[int, int]:
+    if getattr(vit, "pos_embed", None) is None:
+        return tuple(vit.patch_embed.grid_size)  # type: ignore[return-value]
     n = vit.pos_embed.shape[1] - n_prefix_pos
     g = math.isqrt(n)
     return (g, g)
@@ -242,6 +342,6 @@ def check_state_dict(state: Mapping[str, Tensor], target: Mapping[str, Tensor], 
         if unexpected:
             lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:5])}")
         lines.append(
-            "  hint: check `model.backbone.name` (size S/B/L/g, registers) matches the file"
+            "  hint: check `model.backbone.name` (family, size S/B/L/g, registers) matches the file"
         )
         raise WeightsError("\n".join(lines))

@@ -1,0 +1,179 @@
+"""Speed, memory and parameters of each tuning method, side by side in one run.
+
+For every method (rein, frozen, full, lora, vpt, adaptformer) on the same backbone, head and
+input size, one fresh process builds the model with random weights and measures:
+
+* training step time: forward + Mask2Former loss + backward + AdamW step (median of --steps);
+* peak training memory: the process's peak RSS during the training steps minus its RSS
+  before them (activations, gradients and optimizer state; CPU) or CUDA peak allocated;
+* inference time: one whole-image forward to class scores (median of --steps);
+* trainable parameters.
+
+Ratios: training time and memory relative to full fine-tuning, inference relative to the
+frozen backbone. Each method runs in its own process, one after another, so their memory
+peaks do not mix. Absolute times are noisy on a shared machine; compare the ratios.
+
+    python benchmarks/tuning_methods.py --backbone l --size 512
+    python benchmarks/tuning_methods.py --backbone s --sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import time
+
+BACKBONES = {
+    "s": "vit_small_patch14_dinov2",
+    "b": "vit_base_patch14_dinov2",
+    "l": "vit_large_patch14_dinov2",
+    "g": "vit_giant_patch14_dinov2",
+}
+METHODS = ("rein", "frozen", "full", "lora", "vpt", "adaptformer")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(method: str, backbone: str, size: int, steps: int, token_length: int, device: str,
+            batch: int, queue) -> None:
+    """Run in a child process; put a result dict on ``queue``."""
+    import torch
+
+    from rein.config import default_config
+    from rein.engine.optim import build_optimizer
+    from rein.segmentor import build_segmentor
+
+    torch.manual_seed(0)
+    cfg = default_config()
+    cfg.model.tuning = method
+    cfg.model.backbone.name = BACKBONES[backbone]
+    cfg.model.backbone.img_size = size
+    cfg.model.rein.token_length = token_length
+    cfg.model.head.num_queries = token_length
+    model = build_segmentor(cfg.model, load_weights=False).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.full((batch, size, size), 255, dtype=torch.long, device=device)
+    for k, cls in enumerate((0, 2, 8, 10, 13)):  # a few stripes of classes
+        y[:, :, k * size // 5 : (k + 1) * size // 5] = cls
+    cuda = device.startswith("cuda")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    # Inference first (no optimizer state or gradients yet).
+    model.eval()
+    infer = []
+    with torch.inference_mode():
+        for i in range(steps + 1):
+            sync()
+            t = time.perf_counter()
+            model.seg_scores(x)
+            sync()
+            if i:
+                infer.append(time.perf_counter() - t)
+
+    model.train()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = _rss_mib()
+    train = []
+    for i in range(steps + 1):
+        g = torch.Generator(device=device).manual_seed(i)
+        sync()
+        t = time.perf_counter()
+        loss = model.loss(x, y, generator=g)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        if i:
+            train.append(time.perf_counter() - t)
+    mem = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_mib() - base_rss
+    queue.put(
+        {
+            "method": method,
+            "trainable": trainable,
+            "train_s": statistics.median(train),
+            "train_mem_mib": mem,
+            "infer_s": statistics.median(infer),
+        }
+    )
+
+
+def run(method: str, args: argparse.Namespace, size: int, token_length: int) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(
+        target=measure,
+        args=(method, args.backbone, size, args.steps, token_length, args.device, args.batch, queue),
+    )
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backbone", choices=sorted(BACKBONES), default="s")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps (after 1 warm-up)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also Rein step time vs input size and vs token_length")
+    args = parser.parse_args()
+
+    import torch
+
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    print(f"# {BACKBONES[args.backbone]} (random weights), {args.size}x{args.size}, batch "
+          f"{args.batch}, {where}, torch {torch.__version__}")
+    rows = {m: run(m, args, args.size, 100) for m in args.methods}
+    full, frozen = rows.get("full"), rows.get("frozen")
+    mem_unit = "MiB (CUDA peak)" if args.device.startswith("cuda") else "MiB (RSS peak - base)"
+    print(f"| method | trainable params | train step s | vs full | train memory {mem_unit} | "
+          f"vs full | inference s | vs frozen |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for m, r in rows.items():
+        t_ratio = f"{r['train_s'] / full['train_s']:.2f}x" if full else "-"
+        m_ratio = f"{r['train_mem_mib'] / full['train_mem_mib']:.2f}x" if full else "-"
+        i_ratio = f"{r['infer_s'] / frozen['infer_s']:.2f}x" if frozen else "-"
+        print(f"| {m} | {r['trainable']:,} | {r['train_s']:.2f} | {t_ratio} | "
+              f"{r['train_mem_mib']:,.0f} | {m_ratio} | {r['infer_s']:.2f} | {i_ratio} |")
+
+    if args.sweep:
+        print("\n# Rein training step vs input size (token_length 100)")
+        print("| size | train step s | vs 512 |")
+        print("|---:|---:|---:|")
+        by_size = {s: run("rein", args, s, 100)["train_s"] for s in (256, 512, 768)}
+        for s, t in by_size.items():
+            print(f"| {s} | {t:.2f} | {t / by_size[512]:.2f}x |")
+        print(f"\n# Rein training step vs token_length ({args.size}x{args.size})")
+        print("| token_length | trainable params | train step s | vs 100 |")
+        print("|---:|---:|---:|---:|")
+        by_tokens = {m: run("rein", args, args.size, m) for m in (25, 50, 100, 200)}
+        for m, r in by_tokens.items():
+            print(f"| {m} | {r['trainable']:,} | {r['train_s']:.2f} | "
+                  f"{r['train_s'] / by_tokens[100]['train_s']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

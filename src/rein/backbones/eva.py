@@ -1,0 +1,66 @@
+"""A frozen timm EVA / EVA02 with Rein after every block.
+
+EVA02 adds rotary position embeddings (RoPE) to the absolute ones: every block takes the rotary
+table of the *actual* patch grid as ``rope=``. :class:`ReinEva` therefore leaves the embedding to
+the model itself: the timm ``Eva`` is built with ``dynamic_img_size=True``, so its patch
+embedding keeps the grid (NHWC) and its own ``_pos_embed`` resamples the absolute positional
+embedding to that grid and computes the rotary table for it (scaled against the model's
+``ref_feat_shape``, EVA02's "interpolated frequencies"). The tokens then go through the blocks
+exactly as in timm's ``forward_intermediates``, with Rein on the patch tokens after each block
+(class token untouched), and the outputs are taken and resized as in :class:`ReinViT`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from rein.backbones.base import check_input_size
+from rein.backbones.vit import ReinViT
+from rein.reins import Reins
+
+__all__ = ["ReinEva"]
+
+
+class ReinEva(ReinViT):
+    """Frozen timm ``Eva`` (EVA02 with RoPE) + Rein after every block.
+
+    Args:
+        eva: a timm ``Eva`` created with ``dynamic_img_size=True`` (weights under ``vit.*``).
+        reins: the Rein module, or ``None``.
+        out_indices: four blocks whose post-Rein outputs are returned.
+        freeze: freeze the EVA (no weight gradients, always in eval mode).
+    """
+
+    def __init__(
+        self,
+        eva: nn.Module,
+        reins: Reins | None = None,
+        out_indices: list[int] | None = None,
+        freeze: bool = True,
+    ) -> None:
+        if not getattr(eva, "dynamic_img_size", False):
+            raise ValueError(
+                "ReinEva needs an Eva built with dynamic_img_size=True (rotary and absolute "
+                "positions follow the input grid); build_backbone sets it"
+            )
+        super().__init__(eva, reins, out_indices=out_indices, mask_token=False, freeze=freeze)
+
+    def embed_with_rope(self, x: Tensor) -> tuple[Tensor, int, int, Tensor | None]:
+        """Images -> tokens (B, P + h*w, C), h, w and the rotary table of this grid (or None)."""
+        check_input_size(x.shape[-2], x.shape[-1], self.patch_size)
+        tokens = self.vit.patch_embed(x)  # (B, h, w, C): dynamic size keeps the grid
+        h, w = tokens.shape[1:3]
+        tokens, rope = self.vit._pos_embed(tokens)  # abs pos resampled + RoPE for (h, w)
+        tokens = self.vit.norm_pre(tokens)
+        return tokens, h, w, rope
+
+    def embed(self, x: Tensor) -> tuple[Tensor, int, int]:
+        tokens, h, w, _ = self.embed_with_rope(x)
+        return tokens, h, w
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        """Images (B, 3, H, W) -> ([4 maps at strides 4/8/16/32], queries (m, Q) or None)."""
+        tokens, h, w, rope = self.embed_with_rope(x)
+        if rope is not None and getattr(self.vit, "rope_mixed", False):
+            return self.forward_tokens(tokens, h, w, lambda i: {"rope": rope[i]})  # per depth
+        return self.forward_tokens(tokens, h, w, lambda i: {"rope": rope})

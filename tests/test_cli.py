@@ -1,0 +1,104 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import tiny_model_config, tiny_vit
+from PIL import Image
+
+from rein.cli import main
+from rein.engine.checkpoint import save_checkpoint
+from rein.segmentor import build_segmentor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_params_reproduces_the_official_counts(capsys):
+    assert main(["params", str(REPO / "configs/rein_dinov2-l_mask2former_gta_512.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "304,199,680" in out and "2,990,081" in out and "20,579,796" in out
+    assert "327,769,557" in out and "23,569,877" in out
+    assert main(["params", "frozen_dinov2-l_mask2former_gta_512"]) == 0
+    out = capsys.readouterr().out
+    assert "324,764,884" in out and "20,565,204" in out
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model:\n  rein:\n    token_lenght: 50\n")
+    assert main(["params", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "model.rein.token_lenght" in err and "token_length" in err
+
+
+def test_convert_backbone_writes_converted_weights(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    src = tiny_vit(patch=14, img_size=84)
+    sd = dict(src.state_dict())
+    sd["mask_token"] = torch.zeros(1, 32)
+    torch.save(sd, tmp_path / "dinov2.pth")
+    dst = tmp_path / "dinov2_p16.safetensors"
+    assert main(["convert-backbone", str(tmp_path / "dinov2.pth"), str(dst), "--img-size", "64"]) == 0
+    out = load_file(str(dst))
+    assert out["patch_embed.proj.weight"].shape == (32, 3, 16, 16)
+    assert out["pos_embed"].shape == (1, 17, 32)
+    assert "mask_token" in out
+
+
+def _tiny_run(tmp_path: Path) -> tuple[Path, Path]:
+    """A config file for the tiny model and a checkpoint of its trainable weights."""
+    from dataclasses import asdict
+
+    cfg = {
+        "model": asdict(tiny_model_config()),
+        "data": {"val": [{"name": "synthetic", "split": "val",
+                          "options": {"num_images": 2, "size": [64, 64], "style": "night"}}]},
+        "eval": {"mode": "slide", "crop_size": 64, "stride": 48},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    torch.manual_seed(0)
+    model = build_segmentor(tiny_model_config())
+    save_checkpoint(tmp_path / "ckpt", "latest", model.trainable_state_dict(), {"iteration": 0})
+    return path, tmp_path / "ckpt"
+
+
+def test_eval_and_predict_commands(tmp_path, capsys):
+    cfg, ckpt = _tiny_run(tmp_path)
+    assert main(["eval", str(cfg), str(ckpt), "--out", str(tmp_path / "res.json"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "night" in out and (tmp_path / "res.json").is_file()
+    img = tmp_path / "street.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(img)
+    assert main(["predict", str(cfg), str(ckpt), str(img), "--out", str(tmp_path / "pred")]) == 0
+    label = np.array(Image.open(tmp_path / "pred" / "street_labelTrainIds.png"))
+    assert label.shape == (50, 70) and label.max() < 19
+    assert (tmp_path / "pred" / "street_overlay.png").is_file()
+
+
+def test_checkpoint_of_another_config_is_rejected(tmp_path, capsys):
+    cfg, ckpt = _tiny_run(tmp_path)
+    data = yaml.safe_load(cfg.read_text())
+    data["model"]["rein"]["token_length"] = 5
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["eval", str(cfg), str(ckpt), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "learnable_tokens_a" in err and "(4, 8, 4) vs model (4, 5, 4)" in err and "ckpt" in err
+
+
+def test_missing_dataset_root_lists_the_layout(tmp_path, capsys):
+    cfg, ckpt = _tiny_run(tmp_path)
+    data = yaml.safe_load(cfg.read_text())
+    data["data"]["val"] = [{"name": "cityscapes", "root": str(tmp_path / "nowhere"), "split": "val"}]
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["eval", str(cfg), str(ckpt), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "leftImg8bit" in err and "nowhere" in err
+
+
+@pytest.mark.parametrize("argv", [["params", "no_such_config.yaml"], ["params", "vit_lage_patch14_dinov2"]])
+def test_unknown_config_or_backbone(argv, capsys):
+    assert main(argv) == 2
+    assert "error" in capsys.readouterr().err
