@@ -45,8 +45,16 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(method: str, backbone: str, size: int, steps: int, token_length: int, device: str,
-            batch: int, queue) -> None:
+def measure(
+    method: str,
+    backbone: str,
+    size: int,
+    steps: int,
+    token_length: int,
+    device: str,
+    batch: int,
+    queue,
+) -> None:
     """Run in a child process; put a result dict on ``queue``."""
     import torch
 
@@ -119,7 +127,16 @@ def run(method: str, args: argparse.Namespace, size: int, token_length: int) -> 
     queue = ctx.Queue()
     proc = ctx.Process(
         target=measure,
-        args=(method, args.backbone, size, args.steps, token_length, args.device, args.batch, queue),
+        args=(
+            method,
+            args.backbone,
+            size,
+            args.steps,
+            token_length,
+            args.device,
+            args.batch,
+            queue,
+        ),
     )
     proc.start()
     result = queue.get()
@@ -135,29 +152,40 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps (after 1 warm-up)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--sweep", action="store_true",
-                        help="also Rein step time vs input size and vs token_length")
+    parser.add_argument(
+        "--sweep", action="store_true", help="also Rein step time vs input size and vs token_length"
+    )
     args = parser.parse_args()
 
     import torch
 
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    where = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else (
+            f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        )
     )
-    print(f"# {BACKBONES[args.backbone]} (random weights), {args.size}x{args.size}, batch "
-          f"{args.batch}, {where}, torch {torch.__version__}")
+    print(
+        f"# {BACKBONES[args.backbone]} (random weights), {args.size}x{args.size}, batch "
+        f"{args.batch}, {where}, torch {torch.__version__}"
+    )
     rows = {m: run(m, args, args.size, 100) for m in args.methods}
     full, frozen = rows.get("full"), rows.get("frozen")
     mem_unit = "MiB (CUDA peak)" if args.device.startswith("cuda") else "MiB (RSS peak - base)"
-    print(f"| method | trainable params | train step s | vs full | train memory {mem_unit} | "
-          f"vs full | inference s | vs frozen |")
+    print(
+        f"| method | trainable params | train step s | vs full | train memory {mem_unit} | "
+        f"vs full | inference s | vs frozen |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for m, r in rows.items():
         t_ratio = f"{r['train_s'] / full['train_s']:.2f}x" if full else "-"
         m_ratio = f"{r['train_mem_mib'] / full['train_mem_mib']:.2f}x" if full else "-"
         i_ratio = f"{r['infer_s'] / frozen['infer_s']:.2f}x" if frozen else "-"
-        print(f"| {m} | {r['trainable']:,} | {r['train_s']:.2f} | {t_ratio} | "
-              f"{r['train_mem_mib']:,.0f} | {m_ratio} | {r['infer_s']:.2f} | {i_ratio} |")
+        print(
+            f"| {m} | {r['trainable']:,} | {r['train_s']:.2f} | {t_ratio} | "
+            f"{r['train_mem_mib']:,.0f} | {m_ratio} | {r['infer_s']:.2f} | {i_ratio} |"
+        )
 
     if args.sweep:
         print("\n# Rein training step vs input size (token_length 100)")
@@ -171,8 +199,10 @@ def main() -> None:
         print("|---:|---:|---:|---:|")
         by_tokens = {m: run("rein", args, args.size, m) for m in (25, 50, 100, 200)}
         for m, r in by_tokens.items():
-            print(f"| {m} | {r['trainable']:,} | {r['train_s']:.2f} | "
-                  f"{r['train_s'] / by_tokens[100]['train_s']:.2f}x |")
+            print(
+                f"| {m} | {r['trainable']:,} | {r['train_s']:.2f} | "
+                f"{r['train_s'] / by_tokens[100]['train_s']:.2f}x |"
+            )
 
 
 if __name__ == "__main__":

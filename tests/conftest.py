@@ -5,17 +5,37 @@ from rein.backbones.vit import ReinViT, create_timm_vit
 from rein.reins import LoRAReins
 
 
-def tiny_vit(embed_dim: int = 32, depth: int = 4, heads: int = 2, img_size: int = 64, patch: int = 16,
-             name: str = "vit_small_patch14_dinov2", **kw):
+def tiny_vit(
+    embed_dim: int = 32,
+    depth: int = 4,
+    heads: int = 2,
+    img_size: int = 64,
+    patch: int = 16,
+    name: str = "vit_small_patch14_dinov2",
+    **kw,
+):
     torch.manual_seed(0)
-    return create_timm_vit(name, embed_dim=embed_dim, depth=depth, num_heads=heads,
-                           img_size=img_size, patch_size=patch, **kw)
+    return create_timm_vit(
+        name,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=heads,
+        img_size=img_size,
+        patch_size=patch,
+        **kw,
+    )
 
 
 def tiny_rein_vit(embed_dim: int = 32, depth: int = 4, token_length: int = 6, **kw) -> ReinViT:
     vit = tiny_vit(embed_dim=embed_dim, depth=depth, **kw)
-    reins = LoRAReins(num_layers=depth, embed_dims=embed_dim, patch_size=16,
-                      token_length=token_length, lora_dim=4, query_dims=16)
+    reins = LoRAReins(
+        num_layers=depth,
+        embed_dims=embed_dim,
+        patch_size=16,
+        token_length=token_length,
+        lora_dim=4,
+        query_dims=16,
+    )
     return ReinViT(vit, reins, mask_token=True)
 
 
@@ -40,8 +60,13 @@ def tiny_model_config(tuning: str = "rein", **head):
                     "timm_kwargs": {"embed_dim": 32, "depth": 4, "num_heads": 2},
                 },
                 "rein": {"token_length": 8, "lora_dim": 4},
-                "head": {"feat_channels": 32, "num_queries": 8, "num_decoder_layers": 3,
-                         "num_encoder_layers": 1, **head},
+                "head": {
+                    "feat_channels": 32,
+                    "num_queries": 8,
+                    "num_decoder_layers": 3,
+                    "num_encoder_layers": 1,
+                    **head,
+                },
                 "loss": {"num_points": 256},
             }
         }

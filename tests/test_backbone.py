@@ -19,7 +19,10 @@ def test_dinov2_shaped_outputs(width, heads):
     m = tiny_rein_vit(embed_dim=width, heads=heads, token_length=10)
     feats, queries = m(torch.randn(1, 3, 64, 64))
     assert [tuple(f.shape) for f in feats] == [
-        (1, width, 16, 16), (1, width, 8, 8), (1, width, 4, 4), (1, width, 2, 2)
+        (1, width, 16, 16),
+        (1, width, 8, 8),
+        (1, width, 4, 4),
+        (1, width, 2, 2),
     ]
     assert queries.shape == (10, 16)
     assert m.out_channels == [width] * 4
@@ -92,8 +95,9 @@ def test_input_not_multiple_of_patch_is_a_clear_error():
 
 def test_register_tokens_pass_through():
     vit = tiny_vit(name="vit_small_patch14_reg4_dinov2")
-    reins = LoRAReins(num_layers=4, embed_dims=32, patch_size=16, token_length=5, lora_dim=4,
-                      query_dims=8)
+    reins = LoRAReins(
+        num_layers=4, embed_dims=32, patch_size=16, token_length=5, lora_dim=4, query_dims=8
+    )
     m = ReinViT(vit, reins)
     assert m.num_prefix_tokens == 5
     feats, q = m(torch.randn(1, 3, 64, 64))
@@ -128,7 +132,9 @@ def test_load_original_dinov2_layout_with_patch_14_to_16(tmp_path):
     path, sd = _original_dinov2_file(tmp_path)
     m = tiny_rein_vit()
     load_backbone_weights(m, path)
-    w = F.interpolate(sd["patch_embed.proj.weight"], size=(16, 16), mode="bicubic", align_corners=False)
+    w = F.interpolate(
+        sd["patch_embed.proj.weight"], size=(16, 16), mode="bicubic", align_corners=False
+    )
     torch.testing.assert_close(m.vit.patch_embed.proj.weight, w)
     grid = sd["pos_embed"][:, 1:].reshape(1, 6, 6, 32).permute(0, 3, 1, 2)
     pos = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)

@@ -40,7 +40,9 @@ def test_convert_backbone_writes_converted_weights(tmp_path, capsys):
     sd["mask_token"] = torch.zeros(1, 32)
     torch.save(sd, tmp_path / "dinov2.pth")
     dst = tmp_path / "dinov2_p16.safetensors"
-    assert main(["convert-backbone", str(tmp_path / "dinov2.pth"), str(dst), "--img-size", "64"]) == 0
+    assert (
+        main(["convert-backbone", str(tmp_path / "dinov2.pth"), str(dst), "--img-size", "64"]) == 0
+    )
     out = load_file(str(dst))
     assert out["patch_embed.proj.weight"].shape == (32, 3, 16, 16)
     assert out["pos_embed"].shape == (1, 17, 32)
@@ -53,8 +55,15 @@ def _tiny_run(tmp_path: Path) -> tuple[Path, Path]:
 
     cfg = {
         "model": asdict(tiny_model_config()),
-        "data": {"val": [{"name": "synthetic", "split": "val",
-                          "options": {"num_images": 2, "size": [64, 64], "style": "night"}}]},
+        "data": {
+            "val": [
+                {
+                    "name": "synthetic",
+                    "split": "val",
+                    "options": {"num_images": 2, "size": [64, 64], "style": "night"},
+                }
+            ]
+        },
         "eval": {"mode": "slide", "crop_size": 64, "stride": 48},
     }
     path = tmp_path / "tiny.yaml"
@@ -67,11 +76,16 @@ def _tiny_run(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_eval_and_predict_commands(tmp_path, capsys):
     cfg, ckpt = _tiny_run(tmp_path)
-    assert main(["eval", str(cfg), str(ckpt), "--out", str(tmp_path / "res.json"), "--no-progress"]) == 0
+    assert (
+        main(["eval", str(cfg), str(ckpt), "--out", str(tmp_path / "res.json"), "--no-progress"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "mIoU" in out and "night" in out and (tmp_path / "res.json").is_file()
     img = tmp_path / "street.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(img)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(
+        img
+    )
     assert main(["predict", str(cfg), str(ckpt), str(img), "--out", str(tmp_path / "pred")]) == 0
     label = np.array(Image.open(tmp_path / "pred" / "street_labelTrainIds.png"))
     assert label.shape == (50, 70) and label.max() < 19
@@ -91,14 +105,18 @@ def test_checkpoint_of_another_config_is_rejected(tmp_path, capsys):
 def test_missing_dataset_root_lists_the_layout(tmp_path, capsys):
     cfg, ckpt = _tiny_run(tmp_path)
     data = yaml.safe_load(cfg.read_text())
-    data["data"]["val"] = [{"name": "cityscapes", "root": str(tmp_path / "nowhere"), "split": "val"}]
+    data["data"]["val"] = [
+        {"name": "cityscapes", "root": str(tmp_path / "nowhere"), "split": "val"}
+    ]
     cfg.write_text(yaml.safe_dump(data))
     assert main(["eval", str(cfg), str(ckpt), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "leftImg8bit" in err and "nowhere" in err
 
 
-@pytest.mark.parametrize("argv", [["params", "no_such_config.yaml"], ["params", "vit_lage_patch14_dinov2"]])
+@pytest.mark.parametrize(
+    "argv", [["params", "no_such_config.yaml"], ["params", "vit_lage_patch14_dinov2"]]
+)
 def test_unknown_config_or_backbone(argv, capsys):
     assert main(argv) == 2
     assert "error" in capsys.readouterr().err

@@ -29,7 +29,9 @@ def _official_sections():
             continue
         if current and "\t" in line:
             key, shape, _ = line.split("\t")
-            sections[current][key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+            sections[current][key] = tuple(
+                int(s) for s in shape.strip("()").split(",") if s.strip()
+            )
     return sections
 
 
@@ -46,8 +48,12 @@ def test_our_dinov2_l_model_has_the_official_key_layout():
 
 
 def test_key_mapping_round_trip():
-    state = {"backbone.blocks.0.attn.qkv.weight": 1, "backbone.reins.scale": 2,
-             "backbone.mask_token": 3, "decode_head.cls_embed.weight": 4}
+    state = {
+        "backbone.blocks.0.attn.qkv.weight": 1,
+        "backbone.reins.scale": 2,
+        "backbone.mask_token": 3,
+        "decode_head.cls_embed.weight": 4,
+    }
     ours = official_to_ours(state)
     assert "backbone.vit.blocks.0.attn.qkv.weight" in ours and "backbone.mask_token" in ours
     assert ours_to_official(ours) == state
@@ -65,7 +71,9 @@ def test_export_import_round_trip_gives_identical_outputs(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     assert not torch.allclose(a.inference(x, mode="whole"), b.inference(x, mode="whole"))
     load_official(b, path)
-    torch.testing.assert_close(a.inference(x, mode="whole"), b.inference(x, mode="whole"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        a.inference(x, mode="whole"), b.inference(x, mode="whole"), rtol=0, atol=0
+    )
 
 
 def test_checkpoint_for_another_model_is_rejected_without_partial_load(tmp_path):
@@ -76,14 +84,18 @@ def test_checkpoint_for_another_model_is_rejected_without_partial_load(tmp_path)
 
     other = build(tiny_model_config(num_classes=7))
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(InteropError, match=r"cls_embed.weight: checkpoint \(20, 32\) vs model \(8, 32\)"):
+    with pytest.raises(
+        InteropError, match=r"cls_embed.weight: checkpoint \(20, 32\) vs model \(8, 32\)"
+    ):
         load_official(other, path)
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
     state = torch.load(path, weights_only=True)["state_dict"]
     state.pop("backbone.reins.scale")
     state["decode_head.extra.weight"] = torch.zeros(1)
     torch.save({"meta": {}, "state_dict": state}, tmp_path / "bad.pth")
-    with pytest.raises(InteropError, match=r"missing.*backbone.reins.scale(.|\n)*unexpected.*extra"):
+    with pytest.raises(
+        InteropError, match=r"missing.*backbone.reins.scale(.|\n)*unexpected.*extra"
+    ):
         load_official(a, tmp_path / "bad.pth")
 
 

@@ -17,7 +17,11 @@ def test_lora_reins_dinov2_large_parameter_count():
     ("cls", "kwargs", "expected"),
     [
         # Rein-core: per-layer tokens and per-layer MLPs, no link.
-        (Reins, dict(share_mlps=False, link_token_to_query=False), 24 * (100 * 1024 + 2 * 1049600) + 1),
+        (
+            Reins,
+            dict(share_mlps=False, link_token_to_query=False),
+            24 * (100 * 1024 + 2 * 1049600) + 1,
+        ),
         # + share: one pair of MLPs for all layers.
         (Reins, dict(link_token_to_query=False), 24 * 100 * 1024 + 2 * 1049600 + 1),
         # + LoRA: tokens A (100x16) @ B (16x1024) per layer.
@@ -48,7 +52,9 @@ def _reference_delta(m: Reins, feats: torch.Tensor, layer: int) -> torch.Tensor:
 
 def test_forward_matches_formula_and_keeps_prefix_tokens():
     torch.manual_seed(0)
-    m = LoRAReins(num_layers=3, embed_dims=16, patch_size=4, token_length=6, lora_dim=4, query_dims=8)
+    m = LoRAReins(
+        num_layers=3, embed_dims=16, patch_size=4, token_length=6, lora_dim=4, query_dims=8
+    )
     with torch.no_grad():
         m.scale.fill_(0.5)
     x = torch.randn(2, 1 + 9, 16)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
-from rein.config import config_from_dict, config_to_dict, save_config
+from rein.config import config_from_dict, save_config
 from rein.engine.checkpoint import load_checkpoint
 from rein.engine.trainer import StreamSampler, train
 
@@ -21,15 +21,32 @@ def tiny_train_config(out: Path, **train):
             "output_dir": str(out),
             "model": model,
             "data": {
-                "train": [{"name": "synthetic", "split": "train",
-                           "options": {"num_images": 6, "size": [64, 64]}}],
-                "val": [{"name": "synthetic", "split": "val",
-                         "options": {"num_images": 2, "size": [64, 64], "style": "fog"}}],
-                "crop_size": 64, "batch_size": 2, "num_workers": 0,
+                "train": [
+                    {
+                        "name": "synthetic",
+                        "split": "train",
+                        "options": {"num_images": 6, "size": [64, 64]},
+                    }
+                ],
+                "val": [
+                    {
+                        "name": "synthetic",
+                        "split": "val",
+                        "options": {"num_images": 2, "size": [64, 64], "style": "fog"},
+                    }
+                ],
+                "crop_size": 64,
+                "batch_size": 2,
+                "num_workers": 0,
             },
             "optim": {"lr": 1e-3},
-            "train": {"max_iters": 4, "log_interval": 1, "val_interval": 0,
-                      "checkpoint_interval": 2, **train},
+            "train": {
+                "max_iters": 4,
+                "log_interval": 1,
+                "val_interval": 0,
+                "checkpoint_interval": 2,
+                **train,
+            },
             "eval": {"mode": "whole", "crop_size": 64, "stride": 32},
         }
     )
@@ -63,8 +80,14 @@ def test_training_writes_checkpoints_logs_and_evaluates(tmp_path):
     result = train(cfg, progress=False)
     out = tmp_path / "tiny"
     assert result["iteration"] == 4
-    assert {"latest.safetensors", "latest.json", "latest.state.pt", "best.safetensors",
-            "config.yaml", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
+    assert {
+        "latest.safetensors",
+        "latest.json",
+        "latest.state.pt",
+        "best.safetensors",
+        "config.yaml",
+        "metrics.jsonl",
+    } <= {p.name for p in out.iterdir()}
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in logs if "loss" in r] == [1, 2, 3, 4]
     assert "fog" in result["last_eval"] and 0 <= result["last_eval"]["DG avg"] <= 100
@@ -130,9 +153,19 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         # would otherwise magnify float noise in near-zero gradients (e.g. biases before a
         # GroupNorm) into differences of 2*lr, hiding what this test checks: the gradients.
         cfg.optim.eps, cfg.optim.lr, cfg.optim.weight_decay = 1.0, 1.0, 0.0
-        cfg.data.train = config_from_dict({"data": {"train": [{
-            "name": "folder", "root": str(tmp_path / "data"),
-            "options": {"img_dir": "img", "ann_dir": "ann"}}]}}).data.train
+        cfg.data.train = config_from_dict(
+            {
+                "data": {
+                    "train": [
+                        {
+                            "name": "folder",
+                            "root": str(tmp_path / "data"),
+                            "options": {"img_dir": "img", "ann_dir": "ann"},
+                        }
+                    ]
+                }
+            }
+        ).data.train
         return cfg
 
     one = cfg_for(tmp_path / "one", 2)
@@ -141,8 +174,18 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     cfg_path = tmp_path / "two.yaml"
     save_config(two, cfg_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--standalone", "-m", "rein.cli", "train", str(cfg_path), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "rein.cli",
+        "train",
+        str(cfg_path),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")

@@ -99,8 +99,8 @@ def cmd_convert_backbone(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from rein.engine.checkpoint import load_checkpoint, load_into, save_checkpoint
     from rein.config import config_to_dict
+    from rein.engine.checkpoint import load_checkpoint, load_into, save_checkpoint
     from rein.interop import export_official, load_official
     from rein.segmentor import build_segmentor
 
@@ -191,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     # CheckpointError) are the user's to fix: one clear line, no traceback (REIN_DEBUG=1
     # shows it).
     known: tuple[type[BaseException], ...] = (
-        ValueError, FileNotFoundError, CheckpointError, NotImplementedError,
+        ValueError,
+        FileNotFoundError,
+        CheckpointError,
+        NotImplementedError,
     )
     if os.environ.get("REIN_DEBUG"):
         known = ()

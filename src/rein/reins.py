@@ -210,4 +210,3 @@ class LoRAReins(Reins):
         if layer == -1:
             return self.learnable_tokens_a @ self.learnable_tokens_b  # (L, m, C)
         return self.learnable_tokens_a[layer] @ self.learnable_tokens_b[layer]
-

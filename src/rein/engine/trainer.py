@@ -115,8 +115,12 @@ def build_val_sets(cfg: Config) -> dict[str, Dataset]:
         if d.name == "synthetic" and d.options.get("style"):
             name = str(d.options["style"])
         out[name] = build_dataset(
-            d.name, root=d.root, split=d.split, skip_bad=cfg.data.skip_bad,
-            transform=build_eval_pipeline(d.name, crop=cfg.eval.crop_size), **d.options,
+            d.name,
+            root=d.root,
+            split=d.split,
+            skip_bad=cfg.data.skip_bad,
+            transform=build_eval_pipeline(d.name, crop=cfg.eval.crop_size),
+            **d.options,
         )
     return out
 
@@ -187,8 +191,8 @@ def train(
     (as an interruption would), after writing ``latest``.
     """
     from rein.data import build_train_pipeline
-    from rein.data.transforms import short_edge_scales
     from rein.data.labels import CLASS_NAMES
+    from rein.data.transforms import short_edge_scales
     from rein.segmentor import build_segmentor
 
     rank, world, _, device = init_distributed()
@@ -207,8 +211,12 @@ def train(
     model.to(device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = PolyLR(
-        optimizer, tcfg.max_iters, power=cfg.optim.poly_power, min_lr=cfg.optim.min_lr,
-        warmup_iters=cfg.optim.warmup_iters, warmup_ratio=cfg.optim.warmup_ratio,
+        optimizer,
+        tcfg.max_iters,
+        power=cfg.optim.poly_power,
+        min_lr=cfg.optim.min_lr,
+        warmup_iters=cfg.optim.warmup_iters,
+        warmup_ratio=cfg.optim.warmup_ratio,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=tcfg.amp == "fp16")
 
@@ -237,7 +245,9 @@ def train(
     crop = cfg.data.crop_size
     # The spec's short-edge scales (256..1024 for 512 crops) scale with the crop size.
     if cfg.data.augment:
-        pipeline = build_train_pipeline(crop=crop, scales=short_edge_scales(crop), max_long=4 * crop)
+        pipeline = build_train_pipeline(
+            crop=crop, scales=short_edge_scales(crop), max_long=4 * crop
+        )
     else:
         pipeline = build_train_pipeline(
             crop=crop, scales=[crop], cat_max_ratio=1.0, flip_p=0.0, photometric=False
@@ -247,8 +257,12 @@ def train(
     samples_per_iter = per_rank_batch * world * tcfg.grad_accum
     sampler = StreamSampler(len(stream), seed, rank, world, start=start * samples_per_iter)
     loader = DataLoader(
-        stream, batch_size=per_rank_batch, sampler=sampler, num_workers=cfg.data.num_workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda",
+        stream,
+        batch_size=per_rank_batch,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
         persistent_workers=cfg.data.num_workers > 0,
     )
     batches = iter(loader)
@@ -272,7 +286,10 @@ def train(
         logs: dict[str, float] = {}
         for micro in range(tcfg.grad_accum):
             images, labels = next(batches)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images, labels = (
+                images.to(device, non_blocking=True),
+                labels.to(device, non_blocking=True),
+            )
             loss_gen.manual_seed(seed * 1_000_003 + (it * tcfg.grad_accum + micro) * world + rank)
             sync = micro == tcfg.grad_accum - 1 or world == 1
             ctx = nullcontext() if sync else ddp_model.no_sync()  # type: ignore[operator]
@@ -304,14 +321,31 @@ def train(
             logger.log(done, logs)
 
         evaluated = False
-        if val_sets and tcfg.val_interval and (done % tcfg.val_interval == 0 or done == tcfg.max_iters):
+        if (
+            val_sets
+            and tcfg.val_interval
+            and (done % tcfg.val_interval == 0 or done == tcfg.max_iters)
+        ):
             last_eval = evaluate_domains(
-                model, val_sets, cfg.model.head.num_classes, cfg.eval,
-                class_names=list(CLASS_NAMES) if cfg.model.head.num_classes == len(CLASS_NAMES) else None,
-                device=device, progress=progress, distributed=world > 1,
+                model,
+                val_sets,
+                cfg.model.head.num_classes,
+                cfg.eval,
+                class_names=list(CLASS_NAMES)
+                if cfg.model.head.num_classes == len(CLASS_NAMES)
+                else None,
+                device=device,
+                progress=progress,
+                distributed=world > 1,
             )
             evaluated = True
-            logger.log(done, {f"val/{k}": (v["mIoU"] if isinstance(v, dict) else v) for k, v in last_eval.items()})
+            logger.log(
+                done,
+                {
+                    f"val/{k}": (v["mIoU"] if isinstance(v, dict) else v)
+                    for k, v in last_eval.items()
+                },
+            )
         is_ckpt = done % tcfg.checkpoint_interval == 0 or done == end
         improved = evaluated and last_eval.get("DG avg", -math.inf) > best
         if improved:
@@ -319,17 +353,26 @@ def train(
         if is_ckpt or evaluated:
             _save(cfg, model, optimizer, scheduler, scaler, out, done, best, last_eval, evaluated)
         if improved:
-            _save(cfg, model, optimizer, scheduler, scaler, out, done, best, last_eval, True, "best")
+            _save(
+                cfg, model, optimizer, scheduler, scaler, out, done, best, last_eval, True, "best"
+            )
     if bar is not None:
         bar.close()
     logger.close()
     if last_eval and is_main():
         write_json_atomic(last_eval, out / "eval_last.json")
     barrier()
-    return {"iteration": it + 1 if end > start else start, "best": best, "last_eval": last_eval, "out_dir": out}
+    return {
+        "iteration": it + 1 if end > start else start,
+        "best": best,
+        "last_eval": last_eval,
+        "out_dir": out,
+    }
 
 
-def _save(cfg, model, optimizer, scheduler, scaler, out, done, best, last_eval, evaluated, tag="latest"):
+def _save(
+    cfg, model, optimizer, scheduler, scaler, out, done, best, last_eval, evaluated, tag="latest"
+):
     if not is_main():
         return
     train_state = {
@@ -342,4 +385,6 @@ def _save(cfg, model, optimizer, scheduler, scaler, out, done, best, last_eval, 
     meta = {"config": config_to_dict(cfg), "iteration": done, "best": best}
     if evaluated:
         meta["eval"] = {k: (v["mIoU"] if isinstance(v, dict) else v) for k, v in last_eval.items()}
-    save_checkpoint(out, tag, model.trainable_state_dict(), meta, train_state if tag == "latest" else None)
+    save_checkpoint(
+        out, tag, model.trainable_state_dict(), meta, train_state if tag == "latest" else None
+    )
