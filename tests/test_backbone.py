@@ -190,3 +190,50 @@ def test_register_layout_loads_into_timm_reg_model(tmp_path):
     load_backbone_weights(m, path)
     torch.testing.assert_close(m.vit.reg_token, sd["register_tokens"])
     torch.testing.assert_close(m.vit.cls_token, sd["cls_token"] + sd["pos_embed"][:, :1])
+
+
+def _reference_dinov2_forward(m: ReinViT, x: torch.Tensor) -> list[torch.Tensor]:
+    """The official ReinsDinoVisionTransformer path written out from the spec: plain softmax
+    attention, LayerScale, exact-erf GELU, Rein after every block, no final norm."""
+    vit, reins = m.vit, m.reins
+    b = x.shape[0]
+    t = vit.patch_embed.proj(x)
+    h, w = t.shape[-2:]
+    t = torch.cat([vit.cls_token.expand(b, -1, -1), t.flatten(2).transpose(1, 2)], dim=1)
+    t = t + vit.pos_embed
+    outs = []
+    for i, blk in enumerate(vit.blocks):
+        a = blk.attn
+        y = F.layer_norm(t, (t.shape[-1],), blk.norm1.weight, blk.norm1.bias, eps=1e-6)
+        qkv = (y @ a.qkv.weight.t() + a.qkv.bias).reshape(b, -1, 3, a.num_heads, a.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = ((q * a.head_dim**-0.5) @ k.transpose(-2, -1)).softmax(-1)
+        y = (attn @ v).transpose(1, 2).reshape(b, -1, t.shape[-1]) @ a.proj.weight.t() + a.proj.bias
+        t = t + blk.ls1.gamma * y
+        y = F.layer_norm(t, (t.shape[-1],), blk.norm2.weight, blk.norm2.bias, eps=1e-6)
+        y = F.gelu(y @ blk.mlp.fc1.weight.t() + blk.mlp.fc1.bias)
+        t = t + blk.ls2.gamma * (y @ blk.mlp.fc2.weight.t() + blk.mlp.fc2.bias)
+        cls, f = t[:, :1], t[:, 1:]
+        tokens = reins.get_tokens(i)
+        s = (f @ tokens.t() * reins.embed_dims**-0.5).softmax(-1)
+        delta = s[..., 1:] @ reins.mlp_token2feat(tokens[1:])
+        f = f + reins.mlp_delta_f(delta + f) * reins.scale
+        t = torch.cat([cls, f], dim=1)
+        if i in m.out_indices:
+            outs.append(f.transpose(1, 2).reshape(b, -1, h, w))
+    return outs
+
+
+def test_matches_the_official_dinov2_rein_path_written_from_the_spec():
+    m = tiny_rein_vit()
+    with torch.no_grad():
+        m.reins.scale.fill_(0.5)  # make Rein's contribution large enough to matter
+        for blk in m.vit.blocks:
+            blk.ls1.gamma.fill_(0.3)
+            blk.ls2.gamma.fill_(0.3)
+    x = torch.randn(2, 3, 64, 64)
+    feats, _ = m(x)
+    ref = _reference_dinov2_forward(m, x)
+    for f, r, s in zip(feats, ref, (4, 2, 1, 0.5)):
+        r = r if s == 1 else F.interpolate(r, scale_factor=s, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)

@@ -90,6 +90,7 @@ def test_training_writes_checkpoints_logs_and_evaluates(tmp_path):
     } <= {p.name for p in out.iterdir()}
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in logs if "loss" in r] == [1, 2, 3, 4]
+    assert list((out / "tb").glob("events.out.tfevents.*"))  # TensorBoard scalars
     assert "fog" in result["last_eval"] and 0 <= result["last_eval"]["DG avg"] <= 100
     state = _weights(tmp_path)
     assert any(k.startswith("backbone.reins.") for k in state)

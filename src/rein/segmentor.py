@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rein.backbones.vit import ReinViT
+from rein.backbones.base import ReinBackbone
 from rein.heads.mask2former import Mask2FormerHead
 from rein.losses import Mask2FormerCriterion
 
@@ -36,7 +36,7 @@ class Segmentor(nn.Module):
 
     def __init__(
         self,
-        backbone: ReinViT,
+        backbone: ReinBackbone,
         decode_head: Mask2FormerHead,
         criterion: Mask2FormerCriterion | None = None,
         num_classes: int = 19,

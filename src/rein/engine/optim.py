@@ -48,7 +48,10 @@ def is_no_decay(name: str, owner: nn.Module | None = None) -> bool:
 
 
 def _is_backbone_non_rein(name: str) -> bool:
-    return name.startswith("backbone.") and "reins" not in name
+    """Weights of the foundation model itself (not Rein, not a PEFT baseline's adapters)."""
+    from rein.tuning import param_group
+
+    return name.startswith("backbone.") and "reins" not in name and param_group(name) is None
 
 
 def build_param_groups(
