@@ -66,8 +66,9 @@ class Segmentor(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """Only the weights that train (Rein + head, or whatever the tuning method unfroze)."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict(keep_vars=False).items() if k in names}
+        from rein.engine.checkpoint import trainable_state_dict
+
+        return trainable_state_dict(self)
 
     def parameter_groups(self) -> dict[str, tuple[int, int]]:
         """``{group: (total, trainable)}`` for backbone, rein, head (and lora / vpt / adaptformer)."""
