@@ -122,6 +122,37 @@ def measure(
     )
 
 
+def profile(method: str, backbone: str, size: int) -> None:
+    """Print where the time of one training step goes (torch.profiler, CPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    from rein.config import default_config
+    from rein.engine.optim import build_optimizer
+    from rein.segmentor import build_segmentor
+
+    torch.manual_seed(0)
+    cfg = default_config()
+    cfg.model.tuning = method
+    cfg.model.backbone.name = BACKBONES[backbone]
+    model = build_segmentor(cfg.model, load_weights=False)
+    optimizer = build_optimizer(model, cfg.optim)
+    x = torch.randn(1, 3, size, size)
+    y = torch.randint(0, 19, (1, size, size))
+    model.loss(x, y)["loss"].backward()  # warm-up
+    optimizer.zero_grad(set_to_none=True)
+    with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.profiler.record_function("forward+loss"):
+            loss = model.loss(x, y)["loss"]
+        with torch.profiler.record_function("backward"):
+            loss.backward()
+        with torch.profiler.record_function("optimizer"):
+            optimizer.step()
+    print(f"\n# torch.profiler: one {method} training step, {BACKBONES[backbone]}, {size}px")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def run(method: str, args: argparse.Namespace, size: int, token_length: int) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -186,6 +217,9 @@ def main() -> None:
             f"| {m} | {r['trainable']:,} | {r['train_s']:.2f} | {t_ratio} | "
             f"{r['train_mem_mib']:,.0f} | {m_ratio} | {r['infer_s']:.2f} | {i_ratio} |"
         )
+
+    if args.profile:
+        profile("rein", args.backbone, args.size)
 
     if args.sweep:
         print("\n# Rein training step vs input size (token_length 100)")
