@@ -1,4 +1,4 @@
-"""``rein train | eval | predict | demo``: the engine sub-commands of the CLI."""
+"""``rein train | eval | predict | export | demo``: the engine sub-commands of the CLI."""
 
 from __future__ import annotations
 
@@ -52,7 +52,11 @@ def _print_eval(results: dict) -> None:
     from rein.engine.metrics import format_table
 
     domains = {k: v for k, v in results.items() if isinstance(v, dict)}
-    names = list(CLASS_NAMES) if domains and len(next(iter(domains.values()))["IoU"]) == len(CLASS_NAMES) else None
+    names = (
+        list(CLASS_NAMES)
+        if domains and len(next(iter(domains.values()))["IoU"]) == len(CLASS_NAMES)
+        else None
+    )
     print(format_table(domains, names))
     if "DG avg" in results:
         print(f"DG average mIoU over {len(domains)} target domain(s): {results['DG avg']:.2f}")
@@ -72,12 +76,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("data.val is empty: list the target datasets to evaluate in the config")
     device = torch.device(args.device)
     model = _load_model(cfg, args.checkpoint).to(device)
+    if args.corruptions or args.corruption or args.severities:
+        return _eval_corruptions(args, cfg, model, device)
     results = evaluate_domains(
-        model, build_val_sets(cfg), cfg.model.head.num_classes, cfg.eval,
+        model,
+        build_val_sets(cfg),
+        cfg.model.head.num_classes,
+        cfg.eval,
         class_names=list(CLASS_NAMES) if cfg.model.head.num_classes == len(CLASS_NAMES) else None,
-        device=device, progress=not args.no_progress,
+        device=device,
+        progress=not args.no_progress,
     )
     _print_eval(results)
+    if args.out:
+        write_json_atomic(results, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _eval_corruptions(args: argparse.Namespace, cfg, model, device) -> int:
+    """``rein eval --corruptions``: Cityscapes-C style table (corruption x severity)."""
+    from rein.engine.checkpoint import write_json_atomic
+    from rein.engine.corruptions import (
+        CORRUPTIONS,
+        SEVERITIES,
+        evaluate_corruptions,
+        format_corruption_table,
+    )
+    from rein.engine.trainer import build_val_sets
+
+    corruptions = args.corruption or list(CORRUPTIONS)
+    severities = args.severities or list(SEVERITIES)
+    results = evaluate_corruptions(
+        model,
+        build_val_sets(cfg),
+        cfg.model.head.num_classes,
+        cfg.eval,
+        corruptions=corruptions,
+        severities=severities,
+        seed=args.corruption_seed,
+        device=device,
+        progress=not args.no_progress,
+        num_workers=cfg.data.num_workers,
+    )
+    print(format_corruption_table(results))
+    print(
+        f"mean mIoU over {len(results['corruptions'])} corruption(s) x "
+        f"{len(results['severities'])} severity(ies): {results['mean']:.2f}"
+    )
     if args.out:
         write_json_atomic(results, args.out)
         print(f"wrote {args.out}")
@@ -110,11 +156,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
             from rein.data.transforms import rescale_size
 
             nh, nw = rescale_size((h, w), tuple(args.scale))
-            x = torch.nn.functional.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
-        pred = predict_labels(
-            model, x[None].to(device), (h, w), mode=cfg.eval.mode, crop_size=cfg.eval.crop_size,
-            stride=cfg.eval.stride, flip=cfg.eval.flip,
-        )[0].cpu().numpy().astype(np.uint8)
+            x = torch.nn.functional.interpolate(
+                x[None], size=(nh, nw), mode="bilinear", align_corners=False
+            )[0]
+        pred = (
+            predict_labels(
+                model,
+                x[None].to(device),
+                (h, w),
+                mode=cfg.eval.mode,
+                crop_size=cfg.eval.crop_size,
+                stride=cfg.eval.stride,
+                flip=cfg.eval.flip,
+                scales=cfg.eval.scales,
+            )[0]
+            .cpu()
+            .numpy()
+            .astype(np.uint8)
+        )
         stem = Path(path).stem
         Image.fromarray(pred).save(out / f"{stem}_labelTrainIds.png")
         Image.fromarray(colorize(pred)).save(out / f"{stem}_color.png")
@@ -123,11 +182,52 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import sys
+
+    from rein.cli import resolve_config
+    from rein.export import ExportError, export_segmentor
+
+    cfg = resolve_config(args.config, args.set)
+    if not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    height = args.height or cfg.eval.crop_size
+    width = args.width or cfg.eval.crop_size
+    model = _load_model(cfg, args.checkpoint)
+    try:
+        result = export_segmentor(
+            model,
+            args.out,
+            fmt=args.format,
+            height=height,
+            width=width,
+            opset=args.opset,
+            exporter=args.exporter,
+            check=not args.no_check,
+        )
+    except ExportError as exc:
+        print(f"rein export: error: {exc}", file=sys.stderr)
+        return 2
+    check = (
+        "not checked"
+        if result.max_abs_diff is None
+        else f"max |diff| vs PyTorch {result.max_abs_diff:.2e}"
+    )
+    print(
+        f"wrote {result.path} ({result.format} via {result.exporter}): input image "
+        f"{result.input_shape} normalised -> class scores {result.output_shape}; {check}"
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rein.demo import run_demo
 
     run_demo(
-        out_dir=args.out, backbone=args.backbone, compare=args.compare, quick=args.quick,
+        out_dir=args.out,
+        backbone=args.backbone,
+        compare=args.compare,
+        quick=args.quick,
         progress=not args.no_progress,
     )
     return 0
@@ -138,7 +238,9 @@ def register(sub, add_set) -> None:
     p = sub.add_parser("train", help="train a config (resumes from <output_dir>/<name>/latest)")
     p.add_argument("config", help="config YAML or a name in configs/")
     p.add_argument("--work-dir", help="override output_dir")
-    p.add_argument("--no-resume", action="store_true", help="start from scratch even if latest exists")
+    p.add_argument(
+        "--no-resume", action="store_true", help="start from scratch even if latest exists"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_set(p)
     p.set_defaults(func=cmd_train)
@@ -149,6 +251,31 @@ def register(sub, add_set) -> None:
     p.add_argument("--out", help="write the results as JSON")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("robustness (Cityscapes-C style)")
+    g.add_argument(
+        "--corruptions",
+        action="store_true",
+        help="evaluate under the 15 image corruptions x 5 severities (mIoU table)",
+    )
+    g.add_argument(
+        "--corruption",
+        nargs="+",
+        action="extend",
+        choices=_corruption_names(),
+        metavar="NAME",
+        help="only these corruptions (implies --corruptions): " + ", ".join(_corruption_names()),
+    )
+    g.add_argument(
+        "--severities",
+        nargs="+",
+        type=int,
+        choices=range(1, 6),
+        metavar="S",
+        help="only these severities, 1..5 (implies --corruptions)",
+    )
+    g.add_argument(
+        "--corruption-seed", type=int, default=0, help="seed of the per-image corruption noise"
+    )
     add_set(p)
     p.set_defaults(func=cmd_eval)
 
@@ -157,11 +284,38 @@ def register(sub, add_set) -> None:
     p.add_argument("checkpoint")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--scale", type=int, nargs=2, metavar=("W", "H"),
-                   help="keep-ratio resize before inference, e.g. 1024 512 for Cityscapes")
+    p.add_argument(
+        "--scale",
+        type=int,
+        nargs=2,
+        metavar=("W", "H"),
+        help="keep-ratio resize before inference, e.g. 1024 512 for Cityscapes",
+    )
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     add_set(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "export", help="export a checkpoint as ONNX or TorchScript (image -> class scores)"
+    )
+    p.add_argument("config")
+    p.add_argument("checkpoint", help="our checkpoint (dir or .safetensors) or an official .pth")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", required=True, help="output file, e.g. rein.onnx or rein.pt")
+    p.add_argument("--height", type=int, help="input height (default: eval.crop_size)")
+    p.add_argument("--width", type=int, help="input width (default: eval.crop_size)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 16)")
+    p.add_argument(
+        "--exporter",
+        choices=["auto", "dynamo", "torchscript"],
+        default="auto",
+        help="ONNX exporter: torch.export-based (needs onnxscript) or legacy TorchScript-based",
+    )
+    p.add_argument(
+        "--no-check", action="store_true", help="skip the check against PyTorch on a random input"
+    )
+    add_set(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the built-in domain-generalization demo (CPU, no downloads)")
     p.add_argument("--out", default="demo_out", help="output directory (tables, overlays)")
@@ -170,6 +324,12 @@ def register(sub, add_set) -> None:
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+
+def _corruption_names() -> list[str]:
+    from rein.engine.corruptions import CORRUPTIONS
+
+    return list(CORRUPTIONS)
 
 
 def _cuda() -> bool:

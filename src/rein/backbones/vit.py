@@ -123,7 +123,7 @@ class ReinViT(ReinBackbone):
         patch_pos = patch_pos.float().reshape(1, grid, grid, dim).permute(0, 3, 1, 2)
         patch_pos = F.interpolate(
             patch_pos,
-            scale_factor=((num_patch_h + 0.1) / grid, (num_patch_w + 0.1) / grid),
+            scale_factor=(float(num_patch_h + 0.1) / grid, float(num_patch_w + 0.1) / grid),
             mode="bicubic",
             align_corners=False,
         )
