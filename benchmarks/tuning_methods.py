@@ -186,6 +186,9 @@ def main() -> None:
     parser.add_argument(
         "--sweep", action="store_true", help="also Rein step time vs input size and vs token_length"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one Rein training step (top operators)"
+    )
     args = parser.parse_args()
 
     import torch
