@@ -78,3 +78,34 @@ def tiny_segmentor(tuning: str = "rein", seed: int = 0):
 
     torch.manual_seed(seed)
     return build_segmentor(tiny_model_config(tuning))
+
+
+def tiny_run(tmp_path, style: str = "night", mode: str = "slide"):
+    """A config file for the tiny model (synthetic val set) and a checkpoint of its weights."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import yaml
+
+    from rein.engine.checkpoint import save_checkpoint
+
+    cfg = {
+        "model": asdict(tiny_model_config()),
+        "data": {
+            "val": [
+                {
+                    "name": "synthetic",
+                    "split": "val",
+                    "options": {"num_images": 2, "size": [64, 64], "style": style},
+                }
+            ]
+        },
+        "eval": {"mode": mode, "crop_size": 64, "stride": 48},
+    }
+    path = Path(tmp_path) / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    model = tiny_segmentor()
+    save_checkpoint(
+        Path(tmp_path) / "ckpt", "latest", model.trainable_state_dict(), {"iteration": 0}
+    )
+    return path, Path(tmp_path) / "ckpt"

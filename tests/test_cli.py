@@ -4,12 +4,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_model_config, tiny_vit
+from conftest import tiny_run, tiny_vit
 from PIL import Image
 
 from rein.cli import main
-from rein.engine.checkpoint import save_checkpoint
-from rein.segmentor import build_segmentor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,28 +48,7 @@ def test_convert_backbone_writes_converted_weights(tmp_path, capsys):
 
 
 def _tiny_run(tmp_path: Path) -> tuple[Path, Path]:
-    """A config file for the tiny model and a checkpoint of its trainable weights."""
-    from dataclasses import asdict
-
-    cfg = {
-        "model": asdict(tiny_model_config()),
-        "data": {
-            "val": [
-                {
-                    "name": "synthetic",
-                    "split": "val",
-                    "options": {"num_images": 2, "size": [64, 64], "style": "night"},
-                }
-            ]
-        },
-        "eval": {"mode": "slide", "crop_size": 64, "stride": 48},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    torch.manual_seed(0)
-    model = build_segmentor(tiny_model_config())
-    save_checkpoint(tmp_path / "ckpt", "latest", model.trainable_state_dict(), {"iteration": 0})
-    return path, tmp_path / "ckpt"
+    return tiny_run(tmp_path, style="night", mode="slide")
 
 
 def test_eval_and_predict_commands(tmp_path, capsys):

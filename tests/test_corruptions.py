@@ -1,21 +1,18 @@
 """Robustness evaluation: Cityscapes-C style corruptions, their evaluation and CLI, and TTA."""
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
-from conftest import tiny_model_config, tiny_segmentor
+from conftest import tiny_run, tiny_segmentor
 from torch import nn
 
 from rein.cli import main
 from rein.config import EvalConfig
 from rein.data import SyntheticDataset, build_eval_pipeline, render_scene
-from rein.engine.checkpoint import save_checkpoint
 from rein.engine.corruptions import (
     CORRUPTIONS,
     Corrupt,
@@ -167,25 +164,7 @@ def test_corruption_evaluation_rejects_bad_requests(tiny_model):
 
 
 def _tiny_run(tmp_path: Path) -> tuple[Path, Path]:
-    cfg = {
-        "model": asdict(tiny_model_config()),
-        "data": {
-            "val": [
-                {
-                    "name": "synthetic",
-                    "split": "val",
-                    "options": {"num_images": 2, "size": [64, 64], "style": "game"},
-                }
-            ]
-        },
-        "eval": {"mode": "whole", "crop_size": 64, "stride": 48},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    torch.manual_seed(0)
-    model = tiny_segmentor()
-    save_checkpoint(tmp_path / "ckpt", "latest", model.trainable_state_dict(), {"iteration": 0})
-    return path, tmp_path / "ckpt"
+    return tiny_run(tmp_path, style="game", mode="whole")
 
 
 def test_eval_corruptions_cli(tmp_path, capsys):
