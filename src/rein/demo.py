@@ -44,12 +44,7 @@ import torch
 
 from rein.config import Config, config_from_dict
 from rein.data.synthetic import SOURCE_STYLE, TARGET_STYLES, SyntheticDataset
-from rein.pretrain import (
-    PretrainSettings,
-    _interleave,
-    map_in_processes,
-    pretrained_backbone,
-)
+from rein.pretrain import PretrainSettings, map_in_processes, pretrained_backbone
 
 __all__ = ["DemoSettings", "DEFAULT", "QUICK", "METHODS", "demo_config", "run_demo"]
 
@@ -69,12 +64,16 @@ class DemoSettings:
     pretrain: PretrainSettings = field(default_factory=PretrainSettings)
     image_size: int = 96  # labelled scenes (train and evaluation) are rendered at this size
     crop_size: int = 64  # training crops (random short-edge resize to 32..128 first)
-    out_indices: tuple[int, ...] | None = None  # ViT blocks feeding the head (None: default)
+    # ViT blocks feeding the head; None: the default fractions (blocks 1, 2, 3, 5 of 6).
+    # The default is kept on purpose: a later-blocks choice (3, 4, 5, 5) scored better, but it
+    # was found with a probe on target-style labels, which a domain-generalization demo must
+    # not use for model selection.
+    out_indices: tuple[int, ...] | None = None
     train_images: int = 400
     val_images: int = 40  # per domain
-    iters: int = 400
+    iters: int = 600  # chosen on source-style validation (400 vs 600), same for all methods
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-3  # chosen on source-style validation (1e-3 vs 2e-3), same for all methods
     weight_decay: float = 0.05
     warmup_iters: int = 0
     grad_clip: float | None = None
@@ -110,6 +109,7 @@ QUICK = DemoSettings(
     ),
     image_size=48,
     crop_size=32,
+    out_indices=None,
     train_images=8,
     val_images=2,
     iters=3,
@@ -152,7 +152,9 @@ def demo_config(
         patch_size=p.patch_size,
         img_size=settings.crop_size,
         mask_token=False,
-        out_indices=list(settings.out_indices) if settings.out_indices else None,
+        out_indices=list(settings.out_indices)
+        if settings.out_indices and not backbone_name
+        else None,
     )
     options = {"rank": settings.lora_rank} if method == "lora" else {}
     crop = settings.crop_size
@@ -248,10 +250,7 @@ def _load_samples(jobs: Sequence[tuple[dict[str, Any], int]]) -> list[dict[str, 
 def _prerender(specs: Mapping[str, dict[str, Any]], workers: int) -> dict[str, Any]:
     """``{name: PrerenderedScenes}`` for dataset kwargs ``specs``, rendered in one pool."""
     jobs = [(kw, i) for kw in specs.values() for i in range(kw["num_images"])]
-    parts = None
-    if workers > 1:
-        parts = map_in_processes(_load_samples, [jobs[w::workers] for w in range(workers)])
-    samples = _load_samples(jobs) if parts is None else _interleave(parts, len(jobs))
+    samples = map_in_processes(_load_samples, jobs, workers)
     out: dict[str, Any] = {}
     start = 0
     for name, kw in specs.items():
@@ -458,7 +457,8 @@ def draw_miou_chart(
             bx = x0 + mi * bar_w
             by = h - lower - plot_h * min(v, top) / top
             draw.rectangle([bx + 1, by, bx + bar_w - 1, h - lower], fill=_COLOURS.get(m, "black"))
-            draw.text((bx + bar_w / 2, by - 2), f"{v:.0f}", "black", small, anchor="md")
+            text = f"{v:.1f}" if len(names) <= 2 else f"{v:.0f}"
+            draw.text((bx + bar_w / 2, by - 2), text, "black", small, anchor="md")
         label = (
             f"{g}\n(source)" if g == SOURCE_STYLE else ("DG avg\n(targets)" if g == "DG avg" else g)
         )
@@ -517,9 +517,8 @@ def draw_predictions(
 HEADER = """\
 rein demo: Rein vs. the frozen baseline under a synthetic domain shift (CPU, no downloads)
  1. Backbone: {backbone}.
- 2. Train each method with the same budget ({iters} iterations x batch {batch}, AdamW
-    lr {lr:g} poly, same Mask2Former head, seed {seed}) on the source style '{source}'
-    ONLY, with its labels.
+ 2. Train each method with the same budget ({iters} iterations x batch {batch}, AdamW lr {lr:g}
+    poly, same Mask2Former head, seed {seed}) on the source style '{source}' ONLY, with its labels.
  3. Evaluate on unseen scenes of every target style ({targets})
     and of the source style (in-domain reference).
 """
@@ -581,8 +580,8 @@ def run_demo(
     if backbone is None:
         what = (
             f"a small ViT ({p.arch} shape, {p.embed_dim} ch, {p.depth} blocks, patch "
-            f"{p.patch_size}) pretrained WITHOUT segmentation labels on synthetic scenes of "
-            "ALL styles\n    (source + targets) by dense cross-style contrastive learning; "
+            f"{p.patch_size}) pretrained\n    WITHOUT segmentation labels on synthetic scenes of "
+            "ALL styles (source + targets)\n    by dense cross-style contrastive learning; "
             "cached, then FROZEN"
         )
     else:
@@ -693,12 +692,24 @@ def _markdown_report(report: Mapping[str, Any], settings: DemoSettings) -> str:
         f"- Training: source style `{report['source']}` only, {settings.train_images} scenes, "
         f"{settings.iters} iterations x batch {settings.batch_size}, AdamW lr {settings.lr:g} "
         f"(poly), seed {settings.seed}; the same budget and head for every method.",
-        f"- Evaluation: {settings.val_images} held-out scenes per style, mIoU (%); "
-        "DG avg = mean over the target styles.",
+        f"- Model: the frozen ViT's blocks {list(settings.out_indices or []) or '(default)'} "
+        "feed a Mask2Former "
+        f"head ({settings.feat_channels} channels, {settings.num_encoder_layers} encoder / "
+        f"{settings.num_decoder_layers} decoder layers, {settings.token_length} queries); Rein: "
+        f"{settings.token_length} tokens per block, LoRA rank {settings.lora_dim}, Rein-link "
+        f"queries, scale init {settings.rein_scale_init:g} (the official settings otherwise).",
+        f"- Evaluation: {settings.val_images} held-out scenes per style, sliding window, mIoU (%) "
+        "over the 19 Cityscapes classes; DG avg = mean over the target styles.",
         "",
         report["table"],
         "",
     ]
+    if settings == DEFAULT:
+        lines.insert(
+            lines.index(report["table"]) - 1,
+            "- The shared lr and number of iterations were chosen on the source style's held-out "
+            "scenes (lr 1e-3 vs 2e-3, 400 vs 600 iterations), never on the targets.",
+        )
     for m, why in report["skipped"].items():
         lines.append(f"- {METHODS.get(m, m)} skipped: {why}")
     lines += ["", "![mIoU per domain](miou.png)", "", "![predictions](predictions.png)", ""]

@@ -54,6 +54,7 @@ from rein.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 __all__ = [
     "PretrainSettings",
     "UnlabeledViews",
+    "build_vit",
     "cache_dir",
     "dense_infonce",
     "map_in_processes",
@@ -122,26 +123,27 @@ def _render_images(jobs: Sequence[tuple[int, str]], size: int) -> list[np.ndarra
 
 
 def map_in_processes(
-    fn: Callable[..., list[Any]], chunks: Sequence[Sequence[Any]], *args: Any
-) -> list[list[Any]] | None:
-    """``[fn(chunk, *args) for chunk in chunks]``, one spawned process per chunk.
+    fn: Callable[..., list[Any]], items: Sequence[Any], workers: int, *args: Any
+) -> list[Any]:
+    """``fn(items, *args)`` computed in ``workers`` spawned processes, results in item order.
 
-    ``fn`` must be a module-level function. Returns None when the processes cannot start or
-    die (e.g. a ``__main__`` read from stdin), so the caller can run in-process instead.
+    ``fn`` maps a list of items to a list of results and must be a module-level function.
+    With ``workers`` <= 1, or when processes cannot start (e.g. a ``__main__`` read from
+    stdin), it runs in this process.
     """
-    try:
-        with ProcessPoolExecutor(len(chunks), mp_context=get_context("spawn")) as ex:
-            return list(ex.map(fn, chunks, *([a] * len(chunks) for a in args)))
-    except (BrokenProcessPool, OSError):
-        return None
-
-
-def _interleave(parts: Sequence[Sequence[Any]], total: int) -> list[Any]:
-    """Undo the ``items[w::workers]`` split of :func:`map_in_processes` callers."""
-    out: list[Any] = [None] * total
-    for w, part in enumerate(parts):
-        out[w :: len(parts)] = part
-    return out
+    if workers > 1 and len(items) > 1:
+        chunks = [list(items[w::workers]) for w in range(workers)]
+        try:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
+                parts = list(ex.map(fn, chunks, *([a] * workers for a in args)))
+        except (BrokenProcessPool, OSError):
+            parts = None
+        if parts is not None:
+            out: list[Any] = [None] * len(items)
+            for w, part in enumerate(parts):
+                out[w::workers] = part
+            return out
+    return fn(list(items), *args)
 
 
 def render_unlabeled_pool(settings: PretrainSettings, workers: int = 0) -> np.ndarray:
@@ -153,15 +155,7 @@ def render_unlabeled_pool(settings: PretrainSettings, workers: int = 0) -> np.nd
     """
     seeds = SyntheticDataset(settings.num_scenes, split="pretrain", seed=settings.seed)
     jobs = [(seeds.scene_seed(i), s) for i in range(settings.num_scenes) for s in settings.styles]
-    parts = None
-    if workers > 1:
-        parts = map_in_processes(
-            _render_images, [jobs[w::workers] for w in range(workers)], settings.render_size
-        )
-    if parts is None:
-        images = _render_images(jobs, settings.render_size)
-    else:
-        images = _interleave(parts, len(jobs))
+    images = map_in_processes(_render_images, jobs, workers, settings.render_size)
     pool = np.stack(images)
     return pool.reshape(settings.num_scenes, len(settings.styles), *pool.shape[1:])
 
