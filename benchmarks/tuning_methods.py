@@ -6,7 +6,7 @@ input size, one fresh process builds the model with random weights and measures:
 * training step time: forward + Mask2Former loss + backward + AdamW step (median of --steps);
 * peak training memory: the process's peak RSS during the training steps minus its RSS
   before them (activations, gradients and optimizer state; CPU) or CUDA peak allocated;
-* inference time: one whole-image forward to class scores (median of --steps);
+* inference time: one whole-image forward to class scores (median of --infer-steps);
 * trainable parameters.
 
 Ratios: training time and memory relative to full fine-tuning, inference relative to the
@@ -53,6 +53,7 @@ def measure(
     token_length: int,
     device: str,
     batch: int,
+    infer_steps: int,
     queue,
 ) -> None:
     """Run in a child process; put a result dict on ``queue``."""
@@ -86,7 +87,7 @@ def measure(
     model.eval()
     infer = []
     with torch.inference_mode():
-        for i in range(steps + 1):
+        for i in range(infer_steps + 1):
             sync()
             t = time.perf_counter()
             model.seg_scores(x)
@@ -166,6 +167,7 @@ def run(method: str, args: argparse.Namespace, size: int, token_length: int) -> 
             token_length,
             args.device,
             args.batch,
+            args.infer_steps,
             queue,
         ),
     )
@@ -181,6 +183,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2, help="timed steps (after 1 warm-up)")
+    parser.add_argument(
+        "--infer-steps", type=int, default=5, help="timed inference passes (after 1 warm-up)"
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
