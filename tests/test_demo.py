@@ -151,6 +151,23 @@ def test_config_loads_the_pretrained_file_through_build_segmentor(tmp_path):
     assert not any(p.requires_grad for p in model.backbone.vit.parameters())
 
 
+def test_only_full_fine_tuning_gets_a_lower_backbone_lr(tmp_path):
+    from rein.engine.optim import build_param_groups
+    from rein.segmentor import build_segmentor
+
+    lrs = {}
+    for method in ("full", "rein"):
+        cfg = demo_config(method, QUICK, None, tmp_path)
+        model = build_segmentor(cfg.model, load_weights=False)
+        groups = build_param_groups(
+            model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.backbone_lr_mult
+        )
+        lrs[method] = {g["lr"] for g in groups}
+    lr = QUICK.lr
+    assert lrs["full"] == {lr, lr * QUICK.full_backbone_lr_mult}
+    assert lrs["rein"] == {lr}
+
+
 def test_backbone_file_skips_pretraining(tmp_path, monkeypatch):
     monkeypatch.setenv("REIN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(pretrain, "pretrain_vit", _no_pretraining)
