@@ -17,12 +17,7 @@ import time
 from collections.abc import Callable
 
 import torch
-
-BACKBONES = {
-    "s": "vit_small_patch14_dinov2",
-    "b": "vit_base_patch14_dinov2",
-    "l": "vit_large_patch14_dinov2",
-}
+from tuning_methods import BACKBONES  # this folder is on sys.path when run as a script
 
 
 def median_ms(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:

@@ -152,17 +152,14 @@ def test_config_loads_the_pretrained_file_through_build_segmentor(tmp_path):
 
 
 def test_only_full_fine_tuning_gets_a_lower_backbone_lr(tmp_path):
-    from rein.engine.optim import build_param_groups
+    from rein.engine.optim import build_optimizer
     from rein.segmentor import build_segmentor
 
     lrs = {}
     for method in ("full", "rein"):
         cfg = demo_config(method, QUICK, None, tmp_path)
-        model = build_segmentor(cfg.model, load_weights=False)
-        groups = build_param_groups(
-            model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.backbone_lr_mult
-        )
-        lrs[method] = {g["lr"] for g in groups}
+        optimizer = build_optimizer(build_segmentor(cfg.model, load_weights=False), cfg.optim)
+        lrs[method] = {g["lr"] for g in optimizer.param_groups}
     lr = QUICK.lr
     assert lrs["full"] == {lr, lr * QUICK.full_backbone_lr_mult}
     assert lrs["rein"] == {lr}
