@@ -102,6 +102,11 @@ class HeadConfig:
     num_queries: int = 100
     num_decoder_layers: int = 9
     num_encoder_layers: int = 6
+    num_heads: int = 8  # attention heads of the pixel decoder and the transformer decoder
+    feedforward_channels: int = 2048  # FFN width of the transformer decoder layers
+    encoder_feedforward_channels: int = 1024  # FFN width of the pixel decoder's encoder layers
+    num_points: int = 4  # MSDeformAttn sampling points per head and level
+    out_channels: int = 256  # mask-feature width (mask_embed output)
 
 
 @dataclass

@@ -188,6 +188,11 @@ def build_segmentor(model_cfg, load_weights: bool = True, with_criterion: bool =
         num_queries=num_queries,
         num_decoder_layers=hcfg.num_decoder_layers,
         num_encoder_layers=hcfg.num_encoder_layers,
+        num_heads=hcfg.num_heads,
+        feedforward_channels=hcfg.feedforward_channels,
+        encoder_feedforward_channels=hcfg.encoder_feedforward_channels,
+        num_points=hcfg.num_points,
+        out_channels=hcfg.out_channels,
         query_source=query_source,
     )
     criterion = None

@@ -144,6 +144,7 @@ class Mask2FormerHead(nn.Module):
         num_encoder_layers: int = 6,
         encoder_feedforward_channels: int = 1024,
         num_groups: int = 32,
+        num_points: int = 4,
     ) -> None:
         super().__init__()
         if query_source not in ("rein", "learned"):
@@ -162,6 +163,7 @@ class Mask2FormerHead(nn.Module):
             num_encoder_levels=num_transformer_feat_level,
             num_encoder_layers=num_encoder_layers,
             num_heads=num_heads,
+            num_points=num_points,
             feedforward_channels=encoder_feedforward_channels,
             num_groups=num_groups,
         )
