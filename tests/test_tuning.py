@@ -29,7 +29,14 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rein_dinov2-l_mask2f
 C, L, HIDDEN = 32, 4, 128
 
 
+def need_peft(tuning: str) -> None:
+    """tuning 'lora' is built on Hugging Face peft, an optional dependency (rein[baselines])."""
+    if tuning == "lora":
+        pytest.importorskip("peft")
+
+
 def build(tuning: str, seed: int = 0, **options):
+    need_peft(tuning)
     cfg = tiny_model_config(tuning)
     cfg.tuning_options = dict(options)
     torch.manual_seed(seed)
@@ -137,6 +144,7 @@ def test_parameter_counts_follow_the_formulas(tuning, options, expected):
 def test_dinov2_large_counts_on_meta(tuning, expected):
     from rein.config import load_config
 
+    need_peft(tuning)
     cfg = load_config(CONFIG, [f"model.tuning={tuning}"])
     with torch.device("meta"):
         m = build_segmentor(cfg.model, load_weights=False, with_criterion=False)
@@ -149,6 +157,7 @@ def test_dinov2_large_counts_on_meta(tuning, expected):
 def test_params_cli_reports_lora(capsys):
     from rein.cli import main
 
+    need_peft("lora")
     main(["params", str(CONFIG), "--set", "model.tuning=lora"])
     out = capsys.readouterr().out
     assert "tuning=lora" in out
@@ -157,7 +166,7 @@ def test_params_cli_reports_lora(capsys):
 
 # -- the methods themselves ---------------------------------------------------------------------
 def test_lora_is_injected_by_peft():
-    from peft.tuners.lora import LoraLayer
+    LoraLayer = pytest.importorskip("peft.tuners.lora").LoraLayer
 
     m = build("lora", targets=["qkv", "fc2"], rank=4, alpha=8)
     blocks = m.backbone.vit.blocks
@@ -341,6 +350,7 @@ def test_wrapped_models_deepcopy():
 
 @pytest.mark.parametrize("tuning", PEFT)
 def test_blocks_after_the_last_output_are_not_adapted(tuning):
+    need_peft(tuning)
     cfg = tiny_model_config(tuning)
     cfg.backbone.out_indices = [0, 1, 1, 2]  # block 3 never runs
     m = build_segmentor(cfg).train()
@@ -360,7 +370,10 @@ def test_vpt_with_register_tokens():
     assert all(b.prompts.grad is not None for b in m.backbone.vit.blocks)
 
 
-def test_backbones_without_transformer_blocks_are_rejected():
+@pytest.mark.parametrize("method", PEFT)
+def test_backbones_without_transformer_blocks_are_rejected(method):
+    need_peft(method)
+
     class NoBlocks(nn.Module):
         reins = None
 
@@ -369,6 +382,5 @@ def test_backbones_without_transformer_blocks_are_rejected():
 
     model = nn.Module()
     model.backbone, model.decode_head = NoBlocks(), nn.Linear(2, 2)
-    for method in PEFT:
-        with pytest.raises(ValueError, match=f"tuning '{method}' adapts transformer blocks"):
-            apply_tuning(model, method)
+    with pytest.raises(ValueError, match=f"tuning '{method}' adapts transformer blocks"):
+        apply_tuning(model, method)

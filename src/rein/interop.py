@@ -13,6 +13,8 @@ pickle extra objects in ``meta``; those fail to load safely, and only an explici
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -42,18 +44,27 @@ def read_official_checkpoint(path: str | Path, trust_pickle: bool = False) -> di
         raise InteropError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        if trust_pickle:
+            raise InteropError(f"cannot read {path}: {_first_line(exc)}") from exc
+        # torch's refusal spans several lines (with terminal escapes): name the global only
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f" (e.g. {found.group(1)})" if found else ""
+        raise InteropError(
+            f"cannot read {path}: it pickles objects beyond tensors{what}; if it comes from a "
+            "source you trust, pass --trust-pickle (trust_pickle=True)"
+        ) from exc
     except Exception as exc:
-        hint = (
-            ""
-            if trust_pickle
-            else " If the file comes from a source you trust and holds pickled objects in 'meta', "
-            "pass --trust-pickle (trust_pickle=True)."
-        )
-        raise InteropError(f"cannot read {path}: {exc}.{hint}") from exc
+        raise InteropError(f"cannot read {path}: {_first_line(exc)}") from exc
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping) or not any(isinstance(v, Tensor) for v in state.values()):
         raise InteropError(f"{path} has no 'state_dict' of tensors (got {type(obj).__name__})")
     return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def official_to_ours(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
