@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rein.heads.mask2former import Mask2FormerHead
+from rein.heads.mask2former import Mask2FormerDecoderLayer, Mask2FormerHead
 from rein.heads.ms_deform_attn import MultiScaleDeformableAttention, ms_deform_attn_core
 from rein.heads.pixel_decoder import MSDeformAttnPixelDecoder
 from rein.heads.positional_encoding import SinePositionalEncoding
@@ -330,6 +330,182 @@ def test_fully_masked_rows_are_unmasked() -> None:
     # a fully masked row attends everywhere, exactly like an unmasked one
     for a, b in zip(cls_masked, cls_open, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _wrap_first_mask(head: Mask2FormerHead, mask: torch.Tensor) -> None:
+    """Replace the attention mask of prediction 0 (the one layer 0 uses) by ``mask``."""
+    original = head._forward_head
+    calls = []
+
+    def patched(*args):
+        cls_pred, mask_pred, attn_mask = original(*args)
+        calls.append(1)
+        return cls_pred, mask_pred, (mask if len(calls) == 1 else attn_mask)
+
+    head._forward_head = patched  # type: ignore[method-assign]
+
+
+def _capture_layer_inputs(head: Mask2FormerHead) -> list[tuple[torch.Tensor, ...]]:
+    seen: list[tuple[torch.Tensor, ...]] = []
+    for layer in head.transformer_decoder.layers:
+        layer.register_forward_pre_hook(lambda _m, args: seen.append(args))
+    return seen
+
+
+def test_head_unmasks_fully_masked_rows_only() -> None:
+    torch.manual_seed(0)
+    head = Mask2FormerHead(**SMALL).eval()
+    feats, queries = _feats(2, 64, 64), torch.randn(7, 64)
+    hw = 2 * 2  # level 0 is stride 32: a 2 x 2 map
+    crafted = torch.zeros(2, 7, hw, dtype=torch.bool)
+    crafted[0, 0] = True  # fully masked
+    crafted[0, 1, :3] = True  # partially masked
+    crafted[1, 2] = True  # fully masked
+    crafted[1, 3, 1] = True  # partially masked
+    _wrap_first_mask(head, crafted)
+    seen = _capture_layer_inputs(head)
+    with torch.no_grad():
+        head(feats, queries)
+    expected = crafted.clone()
+    expected[0, 0] = False
+    expected[1, 2] = False
+    # (B, Q, hw) -> (B*heads, Q, hw), index b * heads + h
+    expected = expected.repeat_interleave(SMALL["num_heads"], dim=0)
+    assert torch.equal(seen[0][4], expected)
+
+
+def _layer_norm(x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def _mha_reference(mha, query, key, value, num_heads, attn_mask=None) -> torch.Tensor:
+    """Multi-head attention by hand from in_proj / out_proj; attn_mask True = masked."""
+    batch, nq, c = query.shape
+    d = c // num_heads
+    wq, wk, wv = mha.in_proj_weight.chunk(3)
+    bq, bk, bv = mha.in_proj_bias.chunk(3)
+    q, k, v = query @ wq.t() + bq, key @ wk.t() + bk, value @ wv.t() + bv
+    out = torch.empty(batch, nq, c)
+    for b in range(batch):
+        for h in range(num_heads):
+            sl = slice(h * d, (h + 1) * d)
+            scores = q[b, :, sl] @ k[b, :, sl].t() / math.sqrt(d)
+            if attn_mask is not None:
+                scores = scores.masked_fill(attn_mask[b * num_heads + h], float("-inf"))
+            out[b, :, sl] = torch.softmax(scores, dim=-1) @ v[b, :, sl]
+    return out @ mha.out_proj.weight.t() + mha.out_proj.bias
+
+
+def test_decoder_layer_matches_explicit_masked_attention() -> None:
+    torch.manual_seed(0)
+    c, heads, batch, nq, hw = 16, 4, 2, 5, 12
+    layer = Mask2FormerDecoderLayer(embed_dims=c, num_heads=heads, feedforward_channels=24)
+    with torch.no_grad():  # non-trivial biases and norms
+        for name, p in layer.named_parameters():
+            if "bias" in name or "norms" in name:
+                p.copy_(torch.randn(p.shape))
+    query, query_pos = torch.randn(batch, nq, c), torch.randn(batch, nq, c)
+    memory, memory_pos = torch.randn(batch, hw, c), torch.randn(1, hw, c)
+    mask = torch.rand(batch * heads, nq, hw) < 0.5  # per head, True = masked
+    mask[:, 0] = False  # some rows unmasked
+    mask[:, 1, 1:] = True  # one row masked everywhere but position 0
+    mask[..., 2] = False  # never a fully masked row
+    assert mask.any(-1).sum() > 0 and not mask.all(-1).any()
+
+    with torch.no_grad():
+        out = layer(query, query_pos, memory, memory_pos, mask)
+        # masked cross-attention: q = query + pos, k = memory + pos, v = memory
+        x = query + _mha_reference(
+            layer.cross_attn.attn, query + query_pos, memory + memory_pos, memory, heads, mask
+        )
+        x = _layer_norm(x, layer.norms[0])
+        # self-attention: q = k = x + pos, v = x
+        x = x + _mha_reference(layer.self_attn.attn, x + query_pos, x + query_pos, x, heads)
+        x = _layer_norm(x, layer.norms[1])
+        lin1, lin2 = layer.ffn.layers[0][0], layer.ffn.layers[1]
+        x = x + torch.relu(x @ lin1.weight.t() + lin1.bias) @ lin2.weight.t() + lin2.bias
+        expected = _layer_norm(x, layer.norms[2])
+        unmasked = layer(query, query_pos, memory, memory_pos, None)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out, unmasked, atol=1e-3)  # the mask matters
+
+
+def _head_probe(query_source: str = "rein"):
+    """A SMALL head with non-trivial post_norm, plus hooks for its decoder inputs."""
+    torch.manual_seed(0)
+    head = Mask2FormerHead(query_source=query_source, **SMALL).eval()
+    with torch.no_grad():
+        head.transformer_decoder.post_norm.weight.copy_(torch.randn(64))
+        head.transformer_decoder.post_norm.bias.copy_(torch.randn(64))
+    pixel_out: list = []
+    head.pixel_decoder.register_forward_hook(lambda _m, _a, out: pixel_out.append(out))
+    return head, _capture_layer_inputs(head), pixel_out
+
+
+def test_rein_queries_roles_in_the_decoder() -> None:
+    head, seen, _ = _head_probe()
+    feats, queries = _feats(2, 64, 64), torch.randn(7, 64)
+    with torch.no_grad():
+        cls_preds, _ = head(feats, queries)
+        content = queries @ head.querys2feat.weight.t() + head.querys2feat.bias
+        # prediction 0 comes from post_norm(content query) before any decoder layer
+        cls0 = _layer_norm(content, head.transformer_decoder.post_norm)
+        cls0 = cls0 @ head.cls_embed.weight.t() + head.cls_embed.bias
+    query_feat, query_pos = seen[0][0], seen[0][1]
+    assert query_feat.shape == query_pos.shape == (2, 7, 64)
+    for b in range(2):
+        torch.testing.assert_close(query_feat[b], content, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(query_pos[b], queries)
+        torch.testing.assert_close(cls_preds[0][b], cls0, rtol=1e-5, atol=1e-5)
+    for args in seen:  # every layer gets the same positional query
+        torch.testing.assert_close(args[1], queries.expand(2, -1, -1))
+    # changing querys2feat changes prediction 0 (it would not if the roles were swapped)
+    with torch.no_grad():
+        head.querys2feat.weight.mul_(-1.5)
+        changed = head(feats, queries)[0][0]
+    assert not torch.allclose(changed, cls_preds[0], atol=1e-3)
+
+
+def test_memories_carry_the_level_embedding() -> None:
+    head, seen, pixel_out = _head_probe()
+    feats, queries = _feats(2, 64, 64), torch.randn(7, 64)
+    with torch.no_grad():
+        cls_preds, mask_preds = head(feats, queries)
+    _, multi_scale = pixel_out[0]
+    level_embed = head.level_embed.weight
+    assert len(seen) == 9
+    for i, args in enumerate(seen):
+        level = i % 3  # levels cycled low -> high resolution
+        feat = multi_scale[level]  # (B, C, h, w)
+        b, c, h, w = feat.shape
+        expected = feat.reshape(b, c, h * w).permute(0, 2, 1) + level_embed[level][None, None]
+        torch.testing.assert_close(args[2], expected)
+    with torch.no_grad():
+        head.level_embed.weight.zero_()
+        cls_zero, mask_zero = head(feats, queries)
+    assert not torch.allclose(cls_zero[-1], cls_preds[-1], atol=1e-4)
+    assert not torch.allclose(mask_zero[-1], mask_preds[-1], atol=1e-4)
+
+
+def test_attention_masks_come_from_the_previous_prediction() -> None:
+    head, seen, pixel_out = _head_probe()
+    feats, queries = _feats(2, 64, 64), torch.randn(7, 64)
+    with torch.no_grad():
+        _, mask_preds = head(feats, queries)
+    _, multi_scale = pixel_out[0]
+    partial = 0
+    for i, args in enumerate(seen):
+        size = multi_scale[i % 3].shape[-2:]
+        # prediction i, resized bilinearly to the level of layer i; sigmoid < 0.5 = masked
+        resized = F.interpolate(mask_preds[i], size=size, mode="bilinear", align_corners=False)
+        masked = torch.sigmoid(resized).flatten(2) < 0.5  # (B, Q, hw)
+        full = masked.all(-1, keepdim=True)
+        partial += int((masked.any(-1) & ~masked.all(-1)).sum())
+        expected = (masked & ~full).repeat_interleave(SMALL["num_heads"], dim=0)
+        assert torch.equal(args[4], expected), f"layer {i}"
+    assert partial > 10  # enough partially masked rows for the check to mean something
 
 
 # ------------------------------------------------------------------------ (f) gradients

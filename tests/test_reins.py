@@ -1,3 +1,10 @@
+"""Rein / LoRA-Rein: forward, tokens, link queries and parameter counts.
+
+Every reference below is written out with plain torch ops from the module's raw parameters
+(``learnable_tokens*``, the ``weight`` / ``bias`` of each Linear), never by calling the
+method under test.
+"""
+
 import pytest
 import torch
 
@@ -8,108 +15,162 @@ def count(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def test_lora_reins_dinov2_large_parameter_count():
-    m = LoRAReins(num_layers=24, embed_dims=1024, patch_size=16, token_length=100, lora_dim=16)
-    assert count(m) == 2_990_081
+def linear(x: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
+    """``x W^T + b`` from a Linear's raw weights."""
+    return x @ lin.weight.t() + lin.bias
 
 
-@pytest.mark.parametrize(
-    ("cls", "kwargs", "expected"),
-    [
-        # Rein-core: per-layer tokens and per-layer MLPs, no link.
-        (
-            Reins,
-            dict(share_mlps=False, link_token_to_query=False),
-            24 * (100 * 1024 + 2 * 1049600) + 1,
-        ),
-        # + share: one pair of MLPs for all layers.
-        (Reins, dict(link_token_to_query=False), 24 * 100 * 1024 + 2 * 1049600 + 1),
-        # + LoRA: tokens A (100x16) @ B (16x1024) per layer.
-        (LoRAReins, dict(link_token_to_query=False), 24 * (1600 + 16384) + 2 * 1049600 + 1),
-        # + link: transform (1024->256) and merge (768->256).
-        (LoRAReins, dict(), 24 * (1600 + 16384) + 2 * 1049600 + 1 + 262400 + 196864),
-    ],
-)
-def test_ablation_switches_change_parameter_count(cls, kwargs, expected):
-    m = cls(num_layers=24, embed_dims=1024, patch_size=16, **kwargs)
-    assert count(m) == expected
+def rein_reference(
+    f: torch.Tensor,
+    tokens: torch.Tensor,
+    token2feat: torch.nn.Linear,
+    delta_f: torch.nn.Linear,
+    scale: float,
+) -> torch.Tensor:
+    """f' = f + s * mlp_delta_f(softmax(f T^T / sqrt(C))[..., 1:] @ mlp_token2feat(T[1:]) + f)."""
+    c = f.shape[-1]
+    attn = torch.softmax((f @ tokens.t()) * c**-0.5, dim=-1)  # over the m tokens
+    values = linear(tokens[1:], token2feat)  # (m-1, C): the first token is a sink
+    delta = linear(attn[..., 1:] @ values + f, delta_f)
+    return f + scale * delta
 
 
-def test_switch_ordering_matches_paper_story():
-    core = count(Reins(24, 1024, 16, share_mlps=False, link_token_to_query=False))
-    share = count(Reins(24, 1024, 16, link_token_to_query=False))
-    lora = count(LoRAReins(24, 1024, 16, link_token_to_query=False))
-    link = count(LoRAReins(24, 1024, 16))
-    assert core > share > lora and link > lora  # link adds a little, share/LoRA remove a lot
+def _perturb(m: Reins, seed: int) -> None:
+    """Non-trivial weights: O(1) tokens (a peaked softmax), random biases, scale 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("learnable_tokens"):
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+        m.scale.fill_(0.5)
 
 
-def _reference_delta(m: Reins, feats: torch.Tensor, layer: int) -> torch.Tensor:
-    tokens = m.get_tokens(layer)
-    attn = torch.softmax(torch.einsum("bnc,mc->bnm", feats, tokens) / m.embed_dims**0.5, dim=-1)
-    delta = torch.einsum("bnm,mc->bnc", attn[:, :, 1:], m.mlp_token2feat(tokens[1:]))
-    return m.mlp_delta_f(delta + feats)
+# ----------------------------------------------------------------------------- LoRA tokens
 
 
-def test_forward_matches_formula_and_keeps_prefix_tokens():
+def test_lora_tokens_are_a_times_b_per_layer():
+    m = LoRAReins(num_layers=3, embed_dims=8, patch_size=4, token_length=5, lora_dim=2)
+    _perturb(m, 0)
+    a, b = m.learnable_tokens_a.detach(), m.learnable_tokens_b.detach()
+    explicit = [a[layer] @ b[layer] for layer in range(3)]
+    # the layers really have distinct tokens, so a layer mix-up shows
+    assert not torch.allclose(explicit[0], explicit[1], atol=1e-2)
+    assert not torch.allclose(explicit[1], explicit[2], atol=1e-2)
+    for layer in range(3):
+        torch.testing.assert_close(m.get_tokens(layer), explicit[layer])
+    torch.testing.assert_close(m.get_tokens(-1), torch.stack(explicit))
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_lora_rein_forward_matches_explicit_math(layer):
     torch.manual_seed(0)
     m = LoRAReins(
         num_layers=3, embed_dims=16, patch_size=4, token_length=6, lora_dim=4, query_dims=8
     )
-    with torch.no_grad():
-        m.scale.fill_(0.5)
+    _perturb(m, 1)
     x = torch.randn(2, 1 + 9, 16)
-    out = m(x, layer=1, num_prefix_tokens=1)
-    assert torch.equal(out[:, :1], x[:, :1])
-    expected = x[:, 1:] + 0.5 * _reference_delta(m, x[:, 1:], 1)
-    torch.testing.assert_close(out[:, 1:], expected, rtol=1e-5, atol=1e-6)
-    out_reg = m(torch.randn(2, 5 + 9, 16), layer=0, num_prefix_tokens=5)
-    assert out_reg.shape == (2, 14, 16)
+    tokens = m.learnable_tokens_a[layer] @ m.learnable_tokens_b[layer]  # (m, C), by hand
+    with torch.no_grad():
+        out = m(x, layer=layer, num_prefix_tokens=1)
+        expected = rein_reference(x[:, 1:], tokens, m.mlp_token2feat, m.mlp_delta_f, 0.5)
+    assert torch.equal(out[:, :1], x[:, :1])  # the class token passes through
+    torch.testing.assert_close(out[:, 1:], expected, rtol=1e-5, atol=1e-5)
+    assert (out[:, 1:] - x[:, 1:]).abs().mean() > 0.1  # not a near no-op
+
+
+def test_prefix_tokens_pass_through_untouched():
+    m = Reins(num_layers=2, embed_dims=8, patch_size=2, token_length=4, query_dims=8)
+    _perturb(m, 2)
+    x = torch.randn(2, 5 + 7, 8)
+    with torch.no_grad():
+        out = m(x, layer=1, num_prefix_tokens=5)
+        expected = rein_reference(
+            x[:, 5:], m.learnable_tokens[1], m.mlp_token2feat, m.mlp_delta_f, 0.5
+        )
+    assert torch.equal(out[:, :5], x[:, :5])
+    torch.testing.assert_close(out[:, 5:], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_first_token_is_a_sink():
     """Token 0 enters the softmax normaliser but never the value path."""
-    torch.manual_seed(0)
     m = Reins(num_layers=1, embed_dims=8, patch_size=2, token_length=4, query_dims=8)
-    x = torch.randn(1, 5, 8)
-    base = m.delta_feat(x, 0)
-    tokens = m.learnable_tokens[0].detach()
-    # Without the sink (softmax over tokens 1.. only) the result would differ.
-    no_sink = torch.softmax(x @ tokens[1:].t() / 8**0.5, dim=-1) @ m.mlp_token2feat(tokens[1:])
-    assert not torch.allclose(base, m.mlp_delta_f(no_sink + x))
-    # Changing token 0 changes the normaliser, hence the output.
-    with torch.no_grad():
-        m.learnable_tokens[0, 0] = torch.randn(8) * 3
-    assert not torch.allclose(base, m.delta_feat(x, 0))
-    torch.testing.assert_close(m.delta_feat(x, 0), _reference_delta(m, x, 0))
-
-
-def test_token0_value_is_never_read():
-    torch.manual_seed(1)
-    m = Reins(num_layers=1, embed_dims=8, patch_size=2, token_length=4, query_dims=8)
+    _perturb(m, 3)
     x = torch.randn(2, 6, 8)
-    tokens = m.learnable_tokens[0].detach()
-    attn = torch.softmax(x @ tokens.t() / 8**0.5, dim=-1)
-    # Same attention, different token-0 value: replace mlp_token2feat output for row 0 only.
-    values = m.mlp_token2feat(tokens)
-    values_alt = values.clone()
-    values_alt[0] += 100.0
-    d1 = attn[..., 1:] @ values[1:]
-    d2 = attn[..., 1:] @ values_alt[1:]
-    torch.testing.assert_close(d1, d2)
-    torch.testing.assert_close(m.mlp_delta_f(d1 + x), m.delta_feat(x, 0))
+    t = m.learnable_tokens[0].detach()
+    with torch.no_grad():
+        got = m.delta_feat(x, 0)
+        sink = linear(
+            torch.softmax(x @ t.t() / 8**0.5, -1)[..., 1:] @ linear(t[1:], m.mlp_token2feat) + x,
+            m.mlp_delta_f,
+        )
+        # the two plausible misreadings: softmax over tokens 1.. only, or token 0's value used
+        no_sink = linear(
+            torch.softmax(x @ t[1:].t() / 8**0.5, -1) @ linear(t[1:], m.mlp_token2feat) + x,
+            m.mlp_delta_f,
+        )
+        all_values = linear(
+            torch.softmax(x @ t.t() / 8**0.5, -1) @ linear(t, m.mlp_token2feat) + x,
+            m.mlp_delta_f,
+        )
+    torch.testing.assert_close(got, sink, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, no_sink, atol=1e-3)
+    assert not torch.allclose(got, all_values, atol=1e-3)
 
 
-def test_link_queries_are_interleaved_per_channel():
-    torch.manual_seed(0)
-    m = Reins(num_layers=3, embed_dims=8, patch_size=2, token_length=5, query_dims=4)
-    t = m.transform(m.learnable_tokens)  # (L, m, Q)
-    mx, mean, last = t.max(0).values, t.mean(0), t[-1]
-    interleaved = torch.stack([mx, mean, last], dim=-1).reshape(5, 12)
-    assert torch.equal(interleaved[:, :3], torch.stack([mx[:, 0], mean[:, 0], last[:, 0]], -1))
-    torch.testing.assert_close(m.queries(), m.merge(interleaved))
-    blocks = torch.cat([mx, mean, last], dim=-1)  # the wrong (block) order differs
-    assert not torch.allclose(m.merge(blocks), m.queries())
-    assert m.queries().shape == (5, 4)
+# ------------------------------------------------------------------------- Rein-core MLPs
+
+
+def test_unshared_mlps_are_used_per_layer():
+    L = 3
+    m = Reins(L, 8, 2, token_length=4, share_mlps=False, link_token_to_query=False)
+    _perturb(m, 4)
+    assert len(m.mlp_token2feat) == L and len(m.mlp_delta_f) == L
+    x = torch.randn(2, 1 + 5, 8)
+    with torch.no_grad():
+        for layer in range(L):
+            out = m(x, layer)
+            expected = rein_reference(
+                x[:, 1:],
+                m.learnable_tokens[layer],
+                m.mlp_token2feat[layer],
+                m.mlp_delta_f[layer],
+                0.5,
+            )
+            torch.testing.assert_close(out[:, 1:], expected, rtol=1e-5, atol=1e-5)
+            # with the same tokens, layer 0's MLPs would give something else
+            wrong = rein_reference(
+                x[:, 1:], m.learnable_tokens[layer], m.mlp_token2feat[0], m.mlp_delta_f[0], 0.5
+            )
+            if layer:
+                assert not torch.allclose(out[:, 1:], wrong, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- link queries
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_link_queries_are_interleaved_per_channel(lora):
+    L, tl, C, Q = 3, 5, 8, 4
+    cls = LoRAReins if lora else Reins
+    m = cls(num_layers=L, embed_dims=C, patch_size=2, token_length=tl, query_dims=Q)
+    _perturb(m, 5)
+    with torch.no_grad():
+        tokens = m.learnable_tokens_a @ m.learnable_tokens_b if lora else m.learnable_tokens
+        t = tokens @ m.transform.weight.t() + m.transform.bias  # (L, m, Q)
+        mx, mean, last = t.amax(0), t.mean(0), t[-1]
+        inter = torch.empty(tl, 3 * Q)
+        for j in range(Q):  # [q0_max, q0_mean, q0_last, q1_max, ...]
+            inter[:, 3 * j] = mx[:, j]
+            inter[:, 3 * j + 1] = mean[:, j]
+            inter[:, 3 * j + 2] = last[:, j]
+        expected = inter @ m.merge.weight.t() + m.merge.bias
+        blocks = torch.cat([mx, mean, last], -1) @ m.merge.weight.t() + m.merge.bias
+        got = m.queries()
+    assert got.shape == (tl, Q)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, blocks, atol=1e-3)  # the block order is wrong
 
 
 def test_no_link_means_no_queries():
@@ -118,10 +179,14 @@ def test_no_link_means_no_queries():
         m.queries()
 
 
+# ----------------------------------------------------------------------- init and counts
+
+
 def test_initialisation_bounds_and_scale():
     m = Reins(4, 64, 16, token_length=10)
     bound = (6.0 / (3 * 16 * 16 + 64)) ** 0.5
     assert m.learnable_tokens.abs().max() <= bound
+    assert m.learnable_tokens.abs().max() > 0.9 * bound  # uniform over the whole range
     assert m.scale.item() == pytest.approx(1e-3)
     lm = LoRAReins(4, 64, 16, token_length=10, lora_dim=4)
     lb = (6.0 / (3 * 16 * 16 + (64 * 4) ** 0.5)) ** 0.5
@@ -131,11 +196,37 @@ def test_initialisation_bounds_and_scale():
     assert torch.count_nonzero(z.mlp_delta_f.weight) == 0
 
 
-def test_unshared_mlps_are_per_layer():
-    m = Reins(3, 8, 2, token_length=4, share_mlps=False)
-    x = torch.randn(1, 5, 8)
-    assert len(m.mlp_token2feat) == 3
-    assert not torch.allclose(m(x, 0), m(x, 1))
+# DINOv2-L: L blocks, m tokens, LoRA rank r, C channels, Q query channels.
+L, M, R, C, Q = 24, 100, 16, 1024, 256
+MLP = C * C + C  # one Linear(C, C)
+
+
+def test_lora_reins_dinov2_large_parameter_count():
+    # tokens A_l (m x r) and B_l (r x C), two shared MLPs, transform C->Q, merge 3Q->Q, scale
+    formula = L * (M * R + R * C) + 2 * MLP + (C * Q + Q) + (3 * Q * Q + Q) + 1
+    assert formula == 2_990_081
+    with torch.device("meta"):
+        m = LoRAReins(num_layers=L, embed_dims=C, patch_size=16, token_length=M, lora_dim=R)
+    assert count(m) == formula
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "formula"),
+    [
+        # Rein-core: per-layer tokens and per-layer MLPs, no link
+        (Reins, dict(share_mlps=False, link_token_to_query=False), L * M * C + 2 * L * MLP + 1),
+        # + share: one pair of MLPs for all layers
+        (Reins, dict(link_token_to_query=False), L * M * C + 2 * MLP + 1),
+        # + LoRA: tokens A (m x r) @ B (r x C) per layer
+        (LoRAReins, dict(link_token_to_query=False), L * (M * R + R * C) + 2 * MLP + 1),
+        # zero-init mlp_delta_f: the scale is a fixed buffer, not a parameter
+        (Reins, dict(link_token_to_query=False, zero_mlp_delta_f=True), L * M * C + 2 * MLP),
+    ],
+)
+def test_ablation_switches_change_parameter_count(cls, kwargs, formula):
+    with torch.device("meta"):
+        m = cls(num_layers=L, embed_dims=C, patch_size=16, token_length=M, **kwargs)
+    assert count(m) == formula
 
 
 def test_wrong_width_is_a_clear_error():

@@ -29,17 +29,101 @@ def test_slide_windows_follow_mmseg():
     assert wins == [(0, 512, 0, 512), (0, 512, 341, 853), (0, 512, 512, 1024)]
 
 
-def test_slide_averages_overlaps():
-    m = tiny_segmentor().eval()
-    x = torch.randn(1, 3, 64, 96)
-    slide = m.inference(x, mode="slide", crop_size=64, stride=32)
-    # Reference: the windows one by one, summed and divided by the count.
-    ref = torch.zeros(1, 19, 64, 96)
-    count = torch.zeros(1, 1, 64, 96)
-    for y1, y2, x1, x2 in slide_windows(64, 96, 64, 32):
-        ref[..., y1:y2, x1:x2] += m.seg_scores(x[..., y1:y2, x1:x2])
+def _grid(rows, cols):
+    """Row-major (y1, y2, x1, x2) boxes from hand-written row and column spans."""
+    return [(y1, y2, x1, x2) for y1, y2 in rows for x1, x2 in cols]
+
+
+# Expected windows written by hand: grids = max(H - crop + stride - 1, 0) // stride + 1, the
+# last window of a row / column shifted back to end at the image edge.
+@pytest.mark.parametrize(
+    ("h", "w", "crop", "stride", "expected"),
+    [
+        # 2 rows x 4 columns; 40 divides neither 100 - 64 nor 150 - 64
+        (
+            100,
+            150,
+            64,
+            40,
+            _grid([(0, 64), (36, 100)], [(0, 64), (40, 104), (80, 144), (86, 150)]),
+        ),
+        # stride divides the extent: 3 rows, no shift
+        (128, 64, 64, 32, _grid([(0, 64), (32, 96), (64, 128)], [(0, 64)])),
+        # the crop covers the image exactly: one window
+        (64, 64, 64, 32, [(0, 64, 0, 64)]),
+        # image smaller than the crop: one window, the whole image
+        (30, 50, 64, 42, [(0, 30, 0, 50)]),
+        # smaller than the crop in height only
+        (30, 100, 64, 48, [(0, 30, 0, 64), (0, 30, 36, 100)]),
+        # non-square crop (48 x 64) and stride (30 x 40): 3 x 3
+        (
+            90,
+            120,
+            (48, 64),
+            (30, 40),
+            _grid([(0, 48), (30, 78), (42, 90)], [(0, 64), (40, 104), (56, 120)]),
+        ),
+    ],
+)
+def test_slide_window_geometry(h, w, crop, stride, expected):
+    assert list(slide_windows(h, w, crop, stride)) == expected
+
+
+def _explicit_slide(model, image, windows):
+    """One image (1, 3, H, W): crop each window by hand, sum the scores, divide by the count."""
+    canvas = torch.zeros(1, 19, *image.shape[-2:])
+    count = torch.zeros(1, 1, *image.shape[-2:])
+    for y1, y2, x1, x2 in windows:
+        canvas[..., y1:y2, x1:x2] += model.seg_scores(image[..., y1:y2, x1:x2])
         count[..., y1:y2, x1:x2] += 1
-    torch.testing.assert_close(slide, ref / count)
+    assert count.min() >= 1
+    return canvas / count
+
+
+@pytest.mark.parametrize(
+    ("size", "crop", "stride", "windows", "window_batch"),
+    [
+        # 2 x 2 windows of 64 x 64, the last column shifted back to end at 80; with B = 2,
+        # window_batch 4 runs 2 windows (4 crops) per pass, in 2 chunks
+        ((96, 80), 64, 32, _grid([(0, 64), (32, 96)], [(0, 64), (16, 80)]), 4),
+        # non-square 56 x 72 windows (not multiples of the patch: each one is padded);
+        # window_batch 6 runs chunks of 3 and 1 windows
+        ((80, 100), (56, 72), (24, 40), _grid([(0, 56), (24, 80)], [(0, 72), (28, 100)]), 6),
+    ],
+)
+def test_slide_batch_equals_single_images_and_explicit_reference(
+    size, crop, stride, windows, window_batch
+):
+    # (All windows of one image have the same size, min(crop, image side), so every chunk
+    # is a single same-size group.)
+    m = tiny_segmentor().eval()
+    m.window_batch = window_batch
+    x = torch.randn(2, 3, *size)
+    batched = m.inference(x, mode="slide", crop_size=crop, stride=stride)
+    assert batched.shape == (2, 19, *size)
+    with torch.no_grad():
+        for b in range(2):
+            single = m.inference(x[b : b + 1], mode="slide", crop_size=crop, stride=stride)
+            torch.testing.assert_close(batched[b : b + 1], single, rtol=1e-4, atol=1e-5)
+        ref = _explicit_slide(m, x[1:2], windows)
+        torch.testing.assert_close(single, ref, rtol=1e-4, atol=1e-5)
+    # the two images really differ, so mixing them up would show
+    assert not torch.allclose(batched[0], batched[1], atol=1e-3)
+
+
+def test_seg_scores_pads_bottom_right_with_zeros():
+    m = tiny_segmentor().eval()
+    h, w = 40, 60  # patch 16: pad 8 rows at the bottom and 4 columns at the right
+    x = torch.randn(1, 3, h, w)
+    with torch.no_grad():
+        got = m.seg_scores(x)
+        padded = torch.nn.functional.pad(x, (0, 4, 0, 8))  # (left, right, top, bottom)
+        assert padded.shape[-2:] == (48, 64)
+        expected = m.seg_scores(padded)[..., :h, :w]
+        top_left = m.seg_scores(torch.nn.functional.pad(x, (4, 0, 8, 0)))[..., 8:, 4:]
+    assert got.shape == (1, 19, h, w)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, top_left, atol=1e-3)  # where the padding goes matters
 
 
 def test_small_and_odd_images_work_in_both_modes():

@@ -171,6 +171,46 @@ def test_normalise_then_pad_exact_values():
     assert same["image"].shape == (3, 5, 7)
 
 
+@pytest.mark.parametrize("as_tensor", [True, False])
+def test_pad_is_bottom_right_against_explicit_canvas(as_tensor):
+    h, w, size = 5, 9, (8, 11)  # 3 rows at the bottom, 2 columns at the right
+    rng = np.random.default_rng(4)
+    img = rng.normal(size=(3, h, w)).astype(np.float32)
+    lab = rng.integers(0, 19, (h, w))
+    canvas = np.zeros((3, *size), np.float32)  # image pad 0
+    canvas[:, :h, :w] = img
+    lab_canvas = np.full(size, 255, np.int64)  # label pad 255
+    lab_canvas[:h, :w] = lab
+    if as_tensor:
+        s = {"image": torch.from_numpy(img), "label": torch.from_numpy(lab), "meta": {}}
+        out = Pad(size)(s)
+        got_img, got_lab = out["image"].numpy(), out["label"].numpy()
+    else:
+        s = {"image": img.transpose(1, 2, 0).copy(), "label": lab, "meta": {}}
+        out = Pad(size)(s)
+        got_img, got_lab = out["image"].transpose(2, 0, 1), out["label"]
+    assert got_img.shape == canvas.shape and got_lab.shape == lab_canvas.shape
+    assert np.array_equal(got_img, canvas)
+    assert np.array_equal(got_lab, lab_canvas)
+    assert out["meta"]["pad_shape"] == size
+
+
+def test_train_pipeline_pads_to_the_crop_bottom_right():
+    s = sample(60, 90, seed=2)
+    crop = (32, 40)  # larger than the 20 x 30 resized image in both sides, by different amounts
+    kw = dict(crop=crop, scales=[20], photometric=False, flip_p=0.0, seed=3)
+    out = build_train_pipeline(**kw)(s)
+    unpadded = build_train_pipeline(pad=False, **kw)(s)
+    img, lab = unpadded["image"], unpadded["label"]
+    assert img.shape == (3, 20, 30)
+    canvas = torch.zeros(3, *crop)
+    canvas[:, :20, :30] = img
+    lab_canvas = torch.full(crop, 255, dtype=torch.int64)
+    lab_canvas[:20, :30] = lab
+    assert torch.equal(out["image"], canvas)
+    assert torch.equal(out["label"], lab_canvas)
+
+
 def test_train_pipeline_shapes_and_reproducibility():
     s = sample(60, 90)
     out = build_train_pipeline(crop=32, scales=[20, 40, 64], seed=0)(s)
