@@ -12,14 +12,10 @@ from conftest import tiny_model_config
 from torch import nn
 
 from rein.engine.checkpoint import load_into, trainable_state_dict
+from rein.methods import apply_tuning, build_method, resolve_tuning_options
+from rein.methods.adaptformer import AdaptFormerMlp
+from rein.methods.vpt import PromptedBlock
 from rein.segmentor import build_segmentor
-from rein.tuning import (
-    AdaptFormerMlp,
-    PromptedBlock,
-    apply_tuning,
-    param_group,
-    resolve_tuning_options,
-)
 
 METHODS = ("rein", "frozen", "full", "lora", "vpt", "adaptformer")
 PEFT = ("lora", "vpt", "adaptformer")
@@ -27,6 +23,12 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rein_dinov2-l_mask2f
 
 # The tiny model of conftest: width 32, 4 blocks (all run), MLP hidden 128, patch 16.
 C, L, HIDDEN = 32, 4, 128
+
+
+def param_group(name: str) -> str | None:
+    """The PEFT baseline a backbone parameter belongs to (each method's own report)."""
+    groups = {build_method(m).report_group(name) for m in PEFT} - {None}
+    return groups.pop() if groups else None
 
 
 def need_peft(tuning: str) -> None:

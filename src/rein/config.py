@@ -27,7 +27,6 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "TUNING_METHODS",
     "AMP_MODES",
     "EVAL_MODES",
     "ConfigError",
@@ -50,7 +49,6 @@ __all__ = [
     "apply_overrides",
 ]
 
-TUNING_METHODS = ("rein", "frozen", "full", "lora", "vpt", "adaptformer")
 AMP_MODES = ("none", "bf16", "fp16")
 EVAL_MODES = ("slide", "whole")
 
@@ -61,6 +59,13 @@ class ConfigError(ValueError):
 
 def _choices(*values: str) -> dict[str, tuple[str, ...]]:
     return {"choices": values}
+
+
+def _tuning_methods() -> tuple[str, ...]:
+    """The registered tuning methods (:mod:`rein.methods`), looked up when a config is read."""
+    from rein.methods import method_names
+
+    return method_names()
 
 
 # --------------------------------------------------------------------------------------
@@ -126,7 +131,7 @@ class LossConfig:
 class ModelConfig:
     """Backbone + tuning method + head + loss."""
 
-    tuning: str = field(default="rein", metadata=_choices(*TUNING_METHODS))
+    tuning: str = field(default="rein", metadata={"choices": _tuning_methods})
     # Options of the tuning method, e.g. {rank: 16, targets: [qkv]} for lora,
     # {num_prompts: 10} for vpt, {bottleneck: 64} for adaptformer.
     tuning_options: dict[str, Any] = field(default_factory=dict)
@@ -400,6 +405,8 @@ def _build_dataclass(cls: type, data: Mapping[str, Any], prefix: str, source: st
             continue
         value = _checked(data[name], hints[name], key, source)
         choices = f.metadata.get("choices")
+        if callable(choices):
+            choices = choices()
         if choices is not None and value not in choices:
             raise ConfigError(
                 f"invalid value for '{key}' in {_where(source)}: {_show(value)}; "
@@ -420,7 +427,19 @@ def config_from_dict(d: Mapping[str, Any], source: str | None = None) -> Config:
         raise ConfigError(
             f"{_where(source)} must contain a mapping at the top level, got {type(d).__name__}"
         )
-    return _build_dataclass(Config, d, "", source)
+    cfg = _build_dataclass(Config, d, "", source)
+    _check_tuning_options(cfg.model, "model", source)
+    return cfg
+
+
+def _check_tuning_options(model: ModelConfig, prefix: str, source: str | None) -> None:
+    """Validate ``tuning_options`` against the method's typed options (a dataclass)."""
+    from rein.methods import build_method
+
+    try:
+        build_method(model.tuning, model.tuning_options)
+    except ValueError as exc:
+        raise ConfigError(f"{_join(prefix, 'tuning_options')} in {_where(source)}: {exc}") from None
 
 
 def _plain(value: Any) -> Any:

@@ -72,12 +72,11 @@ class Segmentor(nn.Module):
 
     def parameter_groups(self) -> dict[str, tuple[int, int]]:
         """``{group: (total, trainable)}`` for backbone, rein, head (and lora / vpt / adaptformer)."""
-        from rein.tuning import param_group
-
+        method = getattr(self, "method", None)
         groups: dict[str, list[int]] = {"backbone": [0, 0], "rein": [0, 0], "head": [0, 0]}
         for name, p in self.named_parameters():
             group = "rein" if name.startswith("backbone.reins.") else name.split(".")[0]
-            group = param_group(name) or group
+            group = (method.report_group(name) if method is not None else None) or group
             group = {"decode_head": "head"}.get(group, group)
             groups.setdefault(group, [0, 0])
             groups[group][0] += p.numel()
@@ -173,13 +172,12 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 def build_segmentor(model_cfg, load_weights: bool = True, with_criterion: bool = True) -> Segmentor:
     """Segmentor from a :class:`rein.config.ModelConfig` (tuning policy applied)."""
     from rein.backbones import build_backbone
-    from rein.tuning import apply_tuning
+    from rein.methods import apply_tuning, build_method
 
-    backbone = build_backbone(model_cfg, load_weights=load_weights)
+    method = build_method(model_cfg.tuning, model_cfg.tuning_options)
+    backbone = build_backbone(model_cfg, load_weights=load_weights, method=method)
     hcfg = model_cfg.head
-    query_source = (
-        "rein" if backbone.reins is not None and backbone.reins.link_token_to_query else "learned"
-    )
+    query_source = "rein" if method.supplies_queries(backbone) else "learned"
     num_queries = backbone.reins.token_length if query_source == "rein" else hcfg.num_queries
     head = Mask2FormerHead(
         in_channels=backbone.out_channels,
@@ -209,5 +207,5 @@ def build_segmentor(model_cfg, load_weights: bool = True, with_criterion: bool =
             importance_sample_ratio=lc.importance_sample_ratio,
         )
     model = Segmentor(backbone, head, criterion, num_classes=hcfg.num_classes)
-    apply_tuning(model, model_cfg.tuning, model_cfg.tuning_options)
+    apply_tuning(model, method)
     return model

@@ -19,19 +19,17 @@ ViT-like models get ``patch_size`` / ``img_size`` from the config (EVA also
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from torch import nn
 
 from rein.backbones.base import ReinBackbone, check_timm_name, create_timm_model
-from rein.backbones.convnet import STAGE_STRIDES, ReinConvNet
+from rein.backbones.convnet import ReinConvNet
 from rein.backbones.eva import ReinEva
 from rein.backbones.sam import ReinSAM
 from rein.backbones.stage_reins import StageReins
 from rein.backbones.vit import ReinViT, default_out_indices
 from rein.backbones.weights import WeightsError, load_backbone_weights
-from rein.reins import LoRAReins, Reins
 
 __all__ = [
     "ReinBackbone",
@@ -41,8 +39,6 @@ __all__ = [
     "ReinConvNet",
     "StageReins",
     "build_backbone",
-    "build_reins",
-    "build_stage_reins",
     "backbone_family",
     "default_out_indices",
     "WeightsError",
@@ -71,40 +67,6 @@ def backbone_family(name: str) -> str:
             f"ConvNeXt, ResNet)"
         )
     return _FAMILIES[module]
-
-
-def build_reins(
-    rein_cfg, num_layers: int, embed_dims: int, patch_size: int, query_dims: int
-) -> Reins:
-    """Reins or LoRAReins from a :class:`rein.config.ReinConfig`."""
-    kwargs = dict(
-        num_layers=num_layers,
-        embed_dims=embed_dims,
-        patch_size=patch_size,
-        query_dims=query_dims,
-        token_length=rein_cfg.token_length,
-        link_token_to_query=rein_cfg.link_token_to_query,
-        scale_init=rein_cfg.scale_init,
-        zero_mlp_delta_f=rein_cfg.zero_mlp_delta_f,
-        share_mlps=rein_cfg.share_mlps,
-    )
-    if rein_cfg.lora_dim:
-        return LoRAReins(lora_dim=rein_cfg.lora_dim, **kwargs)
-    return Reins(**kwargs)
-
-
-def build_stage_reins(
-    rein_cfg, stage_dims: list[int], strides: tuple[int, ...], query_dims: int
-) -> StageReins:
-    """A :class:`StageReins` (one single-layer Rein per stage, token init by stage stride)."""
-    stage_cfg = dataclasses.replace(rein_cfg, link_token_to_query=False)
-    stages = [
-        build_reins(stage_cfg, num_layers=1, embed_dims=c, patch_size=s, query_dims=query_dims)
-        for c, s in zip(stage_dims, strides)
-    ]
-    return StageReins(
-        stages, query_dims=query_dims, link_token_to_query=rein_cfg.link_token_to_query
-    )
 
 
 def _timm_kwargs(bcfg, family: str) -> dict[str, Any]:
@@ -143,25 +105,23 @@ def _wrap(model: nn.Module, bcfg) -> ReinBackbone:
     raise ValueError(f"backbone '{bcfg.name}' ({type(model).__name__}) is not supported")
 
 
-def build_backbone(model_cfg, load_weights: bool = True) -> ReinBackbone:
-    """Backbone (+ Rein when ``model_cfg.tuning == 'rein'``) from a :class:`ModelConfig`."""
+def build_backbone(model_cfg, load_weights: bool = True, method=None) -> ReinBackbone:
+    """Backbone from a :class:`ModelConfig`, with the tuning method's block adapter (if any).
+
+    ``method`` (a :class:`rein.methods.TuningMethod`) defaults to the one ``model_cfg.tuning``
+    names. Its ``adapt`` step (wrapping linears or blocks) runs later, on the loaded weights
+    (:func:`rein.methods.apply_tuning`).
+    """
+    from rein.methods import build_method
+
+    if method is None:
+        method = build_method(model_cfg.tuning, model_cfg.tuning_options)
     bcfg = model_cfg.backbone
     family = backbone_family(bcfg.name)
     backbone = _wrap(create_timm_model(bcfg.name, **_timm_kwargs(bcfg, family)), bcfg)
-    if model_cfg.tuning == "rein":
-        query_dims = model_cfg.head.feat_channels
-        if isinstance(backbone, ReinConvNet):
-            backbone.reins = build_stage_reins(
-                model_cfg.rein, backbone.out_channels, STAGE_STRIDES, query_dims
-            )
-        else:
-            backbone.reins = build_reins(
-                model_cfg.rein,
-                num_layers=backbone.depth,
-                embed_dims=backbone.embed_dim,
-                patch_size=backbone.patch_size,
-                query_dims=query_dims,
-            )
+    adapter = method.block_adapter(backbone, model_cfg)
+    if adapter is not None:
+        backbone.reins = adapter
     if load_weights and bcfg.weights:
         load_backbone_weights(backbone, bcfg.weights, model_name=bcfg.name)
     return backbone

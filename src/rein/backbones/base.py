@@ -122,6 +122,10 @@ class ReinBackbone(nn.Module):
 
     reins: nn.Module | None
     patch_size: int
+    #: whether a tuning method may insert extra (prompt) tokens into the blocks' sequences
+    supports_prompts: bool = False
+    #: strides of the stages of a hierarchical backbone (None: a ViT with one token grid)
+    stage_strides: tuple[int, ...] | None = None
 
     def __init__(self) -> None:
         super().__init__()

@@ -48,6 +48,8 @@ class ReinConvNet(ReinBackbone):
 
     patch_size = 32
 
+    stage_strides = STAGE_STRIDES
+
     def __init__(
         self, net: nn.Module, reins: StageReins | None = None, freeze: bool = True
     ) -> None:

@@ -31,6 +31,8 @@ class ReinEva(ReinViT):
         freeze: freeze the EVA (no weight gradients, always in eval mode).
     """
 
+    supports_prompts = False  # rotary positions follow the patch grid: no room for prompts
+
     def __init__(
         self,
         eva: nn.Module,

@@ -69,6 +69,8 @@ class ReinViT(ReinBackbone):
         freeze: freeze the ViT (no weight gradients, always in eval mode).
     """
 
+    supports_prompts = True  # token sequences with absolute positions (VPT fits)
+
     def __init__(
         self,
         vit: nn.Module,

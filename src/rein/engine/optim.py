@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,23 +48,28 @@ def is_no_decay(name: str, owner: nn.Module | None = None) -> bool:
     return False
 
 
-def _is_backbone_non_rein(name: str) -> bool:
-    """Weights of the foundation model itself (not Rein, not a PEFT baseline's adapters)."""
-    from rein.tuning import param_group
-
-    return name.startswith("backbone.") and "reins" not in name and param_group(name) is None
-
-
 def build_param_groups(
-    model: nn.Module, weight_decay: float, lr: float, backbone_lr_mult: float = 1.0
+    model: nn.Module,
+    weight_decay: float,
+    lr: float,
+    backbone_lr_mult: float = 1.0,
+    is_method: Callable[[str], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """Split the trainable parameters of ``model`` into AdamW groups.
 
     Weight decay is 0 for norm layers (by module type, or ``norm`` in the name),
     ``query_embed``, ``level_embed``, ``learnable_tokens*`` and the Rein ``scale``; every
-    other parameter gets ``weight_decay``. Backbone parameters that are not Rein get
-    ``lr * backbone_lr_mult``. Each group also carries ``names`` (parameter names).
+    other parameter gets ``weight_decay``. Backbone parameters of the foundation model itself
+    (not Rein, not a method's adapter: ``is_method(name)``, by default the tuning method the
+    model carries) get ``lr * backbone_lr_mult``. Each group also carries ``names``.
     """
+    if is_method is None:
+        method = getattr(model, "method", None)
+        is_method = method.is_method_param if method is not None else (lambda name: False)
+
+    def foundation_weight(name: str) -> bool:
+        return name.startswith("backbone.") and "reins" not in name and not is_method(name)
+
     owners: dict[int, nn.Module] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
@@ -74,7 +80,7 @@ def build_param_groups(
         if not param.requires_grad:
             continue
         wd = 0.0 if is_no_decay(name, owners.get(id(param))) else weight_decay
-        group_lr = lr * backbone_lr_mult if _is_backbone_non_rein(name) else lr
+        group_lr = lr * backbone_lr_mult if foundation_weight(name) else lr
         group = groups.setdefault(
             (wd, group_lr), {"params": [], "names": [], "lr": group_lr, "weight_decay": wd}
         )
@@ -85,7 +91,11 @@ def build_param_groups(
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over :func:`build_param_groups` with the settings of ``cfg``."""
-    groups = build_param_groups(model, cfg.weight_decay, cfg.lr, cfg.backbone_lr_mult)
+    method = getattr(model, "method", None)
+    if method is not None:
+        groups = method.param_groups(model, cfg)
+    else:
+        groups = build_param_groups(model, cfg.weight_decay, cfg.lr, cfg.backbone_lr_mult)
     if not groups:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
     return torch.optim.AdamW(

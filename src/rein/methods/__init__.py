@@ -1,0 +1,128 @@
+"""Tuning methods, one file each, behind one contract (:class:`TuningMethod`) and a registry.
+
+``model.tuning: NAME`` picks a method and ``model.tuning_options`` its typed options:
+
+=============  ==========================================================================
+``rein``       the foundation model is frozen; Rein and the decode head train.
+``frozen``     the foundation model is frozen; only the decode head (learned queries) trains.
+``full``       everything trains (the backbone leaves eval mode).
+``lora``       LoRA (Hugging Face ``peft``) on the frozen ViT's Linear layers ``targets``
+               (default ``[qkv]``), rank ``rank`` (16), ``alpha`` (= rank), dropout 0.
+``vpt``        deep visual prompt tuning: ``num_prompts`` (10) tokens per block.
+``adaptformer`` a parallel bottleneck adapter on every block's MLP (``bottleneck`` 64,
+               ``scale`` 0.1).
+=============  ==========================================================================
+
+Adding a method is one new file with a :class:`TuningMethod` subclass and a line in
+``_BUILTIN`` below (or :func:`register_method` from outside the package).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from rein.methods.adaptformer import AdaptFormerMethod
+from rein.methods.base import NoOptions, TuningMethod, parse_options
+from rein.methods.frozen import FrozenMethod
+from rein.methods.full import FullMethod
+from rein.methods.lora import LoRAMethod
+from rein.methods.rein import ReinMethod
+from rein.methods.vpt import VPTMethod
+
+__all__ = [
+    "TuningMethod",
+    "NoOptions",
+    "METHODS",
+    "method_names",
+    "register_method",
+    "build_method",
+    "resolve_tuning_options",
+    "apply_tuning",
+]
+
+_BUILTIN: tuple[type[TuningMethod], ...] = (
+    ReinMethod,
+    FrozenMethod,
+    FullMethod,
+    LoRAMethod,
+    VPTMethod,
+    AdaptFormerMethod,
+)
+METHODS: dict[str, type[TuningMethod]] = {cls.name: cls for cls in _BUILTIN}
+
+
+def method_names() -> tuple[str, ...]:
+    """Names of the registered methods, in registration order."""
+    return tuple(METHODS)
+
+
+def register_method(cls: type[TuningMethod]) -> type[TuningMethod]:
+    """Register a :class:`TuningMethod` subclass under ``cls.name`` (usable as a decorator)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"a tuning method named '{cls.name}' is already registered")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def build_method(name: str, options: Mapping[str, Any] | None = None) -> TuningMethod:
+    """The method ``name`` with its options (a mapping, validated against its dataclass)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown tuning method '{name}'; choose one of {method_names()}")
+    cls = METHODS[name]
+    return cls(parse_options(name, cls.Options, options))
+
+
+def resolve_tuning_options(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The method's options with defaults filled in, as a plain dict."""
+    return dataclasses.asdict(build_method(name, options).options)
+
+
+def apply_tuning(
+    model: nn.Module, method: str | TuningMethod, options: Mapping[str, Any] | None = None
+) -> TuningMethod:
+    """Apply a tuning method to a :class:`~rein.segmentor.Segmentor` (weights already loaded).
+
+    Adapts the backbone (:meth:`TuningMethod.adapt`), then sets ``requires_grad`` (the method's
+    parameters and the decode head) and the train/eval policy. Returns the method, which the
+    model keeps as ``model.method``.
+
+    Raises:
+        ValueError: unknown method or option, a bad option value, a block adapter that the
+            method does not expect, or a backbone that is already adapted.
+    """
+    if isinstance(method, str):
+        method = build_method(method, options)
+    backbone = model.backbone  # type: ignore[attr-defined]
+    reins = getattr(backbone, "reins", None)
+    expects_adapter = type(method).block_adapter is not TuningMethod.block_adapter
+    if expects_adapter and reins is None:
+        raise ValueError(f"tuning '{method.name}' needs a backbone built with its block adapter")
+    if not expects_adapter and reins is not None and method.frozen_backbone:
+        raise ValueError(
+            f"tuning '{method.name}' runs on the plain frozen backbone, but this one has Rein; "
+            "build it with model.tuning set to the method"
+        )
+    previous = getattr(model, "method", None)
+    adapted = sorted(
+        {g for n, _ in model.named_parameters() if previous and (g := previous.report_group(n))}
+    )
+    if adapted:
+        raise ValueError(f"the backbone already has {'/'.join(adapted)} parameters")
+    method.adapt(backbone)
+    if method.frozen_backbone:
+        backbone.freeze()
+    else:
+        backbone.frozen = False
+    for name, p in backbone.named_parameters(prefix="backbone"):
+        p.requires_grad_(method.is_trainable(name))
+    backbone.train(backbone.training)  # re-apply eval mode to the frozen model and new modules
+    for p in model.decode_head.parameters():  # type: ignore[attr-defined]
+        p.requires_grad_(True)
+    model.method = method
+    return method

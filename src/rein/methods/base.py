@@ -1,0 +1,173 @@
+"""The tuning-method contract: what a method may do to a backbone, the head and the optimizer.
+
+A method is a small object built from its typed options (a dataclass, ``Options``). Given the
+:class:`~rein.backbones.base.ReinBackbone` around an unmodified timm model, it:
+
+* :meth:`TuningMethod.block_adapter` — supplies the module run after every block (the
+  backbone's ``reins`` slot, e.g. Rein), or ``None``;
+* :meth:`TuningMethod.adapt` — wraps linears or blocks of the loaded timm model (the peft way:
+  the wrapped module moves one level down as ``base_layer``);
+* :meth:`TuningMethod.is_trainable` — decides which backbone parameters train (everything else
+  is frozen, the timm model stays in eval mode unless :attr:`TuningMethod.frozen_backbone` is
+  False); the decode head always trains;
+* :meth:`TuningMethod.supplies_queries` — whether the head takes its queries from the
+  backbone (Rein-link) instead of learning them;
+* :meth:`TuningMethod.param_groups` — the AdamW groups (lr multipliers, decay rules);
+* :meth:`TuningMethod.report_group` — the group a parameter is reported under by ``rein params``;
+* :meth:`TuningMethod.merge` — folds a weight-space adapter into the frozen weights, once.
+
+No backbone wrapper and no engine code names a method; the registry (``rein.methods``) maps
+``model.tuning`` to a class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from rein.config import ModelConfig, OptimConfig
+
+__all__ = [
+    "NoOptions",
+    "TuningMethod",
+    "BaseLayerWrapper",
+    "adapted_blocks",
+    "parse_options",
+    "positive_int",
+    "finite_number",
+    "reference_param",
+]
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """A method without options."""
+
+
+def parse_options(method: str, cls: type, options: Mapping[str, Any] | None) -> Any:
+    """``cls(**options)`` with unknown keys named (and the nearest allowed one suggested)."""
+    options = dict(options or {})
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in options:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            allowed = ", ".join(names) if names else "none"
+            raise ValueError(
+                f"unknown option '{key}' for tuning '{method}'; allowed options: {allowed}{hint}"
+            )
+    out = cls(**options)
+    check = getattr(out, "validate", None)
+    if check is not None:
+        check(method)
+    return out
+
+
+def positive_int(method: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"tuning '{method}': option '{key}' must be a positive integer, got {value!r}"
+        )
+    return value
+
+
+def finite_number(method: str, key: str, value: Any, positive: bool = False) -> float:
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"tuning '{method}': option '{key}' must be a number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"tuning '{method}': option '{key}' must be > 0, got {value!r}")
+    return float(value)
+
+
+class TuningMethod:
+    """Base class of every tuning method; the defaults describe a frozen backbone."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    #: False: every backbone weight trains and the timm model follows train()/eval().
+    frozen_backbone: ClassVar[bool] = True
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    # -- construction -------------------------------------------------------------------------
+    def block_adapter(self, backbone: nn.Module, model_cfg: ModelConfig) -> nn.Module | None:
+        """The module the backbone runs after every block (its ``reins`` slot), or None."""
+        return None
+
+    def adapt(self, backbone: nn.Module) -> None:
+        """Wrap modules of the loaded (pretrained) timm model; called once, after loading."""
+
+    def supplies_queries(self, backbone: nn.Module) -> bool:
+        """Whether the backbone returns the head's object queries (Rein-link)."""
+        return False
+
+    def is_trainable(self, name: str) -> bool:
+        """Whether backbone parameter ``name`` (``backbone.``-prefixed) trains."""
+        return False
+
+    def report_group(self, name: str) -> str | None:
+        """Reporting group of a backbone parameter this method added (e.g. ``lora``), else None."""
+        return None
+
+    def is_method_param(self, name: str) -> bool:
+        """A backbone parameter that belongs to the method, not to the foundation model."""
+        return self.report_group(name) is not None
+
+    # -- training -----------------------------------------------------------------------------
+    def param_groups(self, model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+        """AdamW groups: the official Rein rules (see :func:`rein.engine.optim.build_param_groups`)."""
+        from rein.engine.optim import build_param_groups
+
+        return build_param_groups(
+            model, cfg.weight_decay, cfg.lr, cfg.backbone_lr_mult, is_method=self.is_method_param
+        )
+
+    # -- inference ----------------------------------------------------------------------------
+    def merge(self, model: nn.Module) -> bool:
+        """Fold the method into the frozen weights; False when it cannot be merged."""
+        return False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+
+class BaseLayerWrapper(nn.Module):
+    """A module wrapping a frozen ``base_layer``; unknown attributes fall through to it."""
+
+    base_layer: nn.Module
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
+def reference_param(module: nn.Module) -> Tensor:
+    """A parameter of ``module`` giving the device and dtype for new adapter weights."""
+    return next(module.parameters())
+
+
+def adapted_blocks(backbone: nn.Module, method: str) -> tuple[nn.Module, range]:
+    """The transformer blocks of the backbone's timm model and the indices of those that run.
+
+    Blocks after the last output block never run, so they are not adapted.
+    """
+    blocks = getattr(getattr(backbone, "vit", None), "blocks", None)
+    if not isinstance(blocks, nn.Sequential | nn.ModuleList):
+        raise ValueError(
+            f"tuning '{method}' adapts transformer blocks (timm ViT / EVA / SAM backbones); "
+            f"{type(backbone).__name__} has none: use rein, frozen or full"
+        )
+    last = getattr(backbone, "last_index", len(blocks) - 1)
+    return blocks, range(last + 1)
