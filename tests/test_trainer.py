@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -200,3 +201,85 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert change > 100 * 2e-5  # the runs really trained, far beyond the tolerance
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=2e-5, msg=k)
+
+
+def _folder_train_config(out: Path, data_root: Path, batch: int, **train):
+    """Deterministic 1-iteration run on the two-class folder (see the DDP test for eps=1)."""
+    cfg = tiny_train_config(out, max_iters=1, checkpoint_interval=1, **train)
+    cfg.data.batch_size = batch
+    cfg.data.augment = False
+    cfg.model.loss.num_points = 0
+    cfg.optim.eps, cfg.optim.lr, cfg.optim.weight_decay = 1.0, 1.0, 0.0
+    cfg.optim.grad_clip = 1e9  # never clips; makes the trainer log the gradient norm
+    cfg.data.train = config_from_dict(
+        {
+            "data": {
+                "train": [
+                    {
+                        "name": "folder",
+                        "root": str(data_root),
+                        "options": {"img_dir": "img", "ann_dir": "ann"},
+                    }
+                ]
+            }
+        }
+    ).data.train
+    return cfg
+
+
+def _last_log(out: Path) -> dict:
+    rows = [json.loads(line) for line in (out / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r][-1]
+
+
+def test_grad_accum_two_half_batches_equal_one_full_batch(tmp_path):
+    """grad_accum=2 x batch 1 == grad_accum=1 x batch 2 (same two samples, same order).
+
+    Equality holds here because of how the criterion normalises: the class loss is a weighted
+    mean over the micro-batch's queries, the mask/dice losses divide by the micro-batch's
+    number of matched masks. Every image has exactly 2 classes, so both micro-batches have the
+    same normalisers (2 masks, class weight 2 * 1 + 6 * 0.1), each half of the full batch's.
+    Hence mean(micro losses) == full-batch loss, and the trainer dividing each micro loss by
+    grad_accum makes the accumulated gradient the full-batch gradient (not twice it).
+    """
+    _two_class_folder(tmp_path / "data")
+    full, accum = tmp_path / "full", tmp_path / "accum"
+    train(_folder_train_config(full, tmp_path / "data", 2), progress=False)
+    train(_folder_train_config(accum, tmp_path / "data", 1, grad_accum=2), progress=False)
+    lf, la = _last_log(full), _last_log(accum)
+    assert la["loss"] == pytest.approx(lf["loss"], rel=1e-5)
+    assert la["grad_norm"] == pytest.approx(lf["grad_norm"], rel=1e-4)
+    assert lf["grad_norm"] > 1e-3
+    wf, wa = _weights(full), _weights(accum)
+    for k in wf:
+        torch.testing.assert_close(wa[k], wf[k], rtol=1e-4, atol=2e-5, msg=k)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_trains_with_fp32_parameters(tmp_path, amp):
+    """Autocast runs on CPU: finite losses, the weights move, parameters stay float32.
+
+    fp16 uses a GradScaler starting at 2**16: the first steps overflow and are skipped (the
+    scale halves each time), so that run is longer.
+    """
+    from conftest import tiny_segmentor
+
+    try:
+        with torch.autocast("cpu", dtype=torch.float16 if amp == "fp16" else torch.bfloat16):
+            torch.ones(2, 2) @ torch.ones(2, 2)
+    except RuntimeError as e:  # pragma: no cover - depends on the CPU build
+        pytest.skip(f"CPU autocast {amp} unsupported: {e}")
+    model = tiny_segmentor()
+    init = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+    iters = 6 if amp == "fp16" else 2
+    train(tiny_train_config(tmp_path, max_iters=iters, amp=amp), progress=False, model=model)
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "tiny" / "metrics.jsonl").open())]
+    assert len(losses) == iters and all(math.isfinite(v) for v in losses)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    saved = _weights(tmp_path)
+    assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float32}
+    moved = max((saved[k] - init[k]).abs().max().item() for k in init)
+    assert moved > 1e-5
+    _, _, state = load_checkpoint(tmp_path / "tiny", "latest")
+    if amp == "fp16":
+        assert state["scaler"]["scale"] < 2.0**16  # the scaler saw (and skipped) overflows

@@ -264,6 +264,9 @@ def train(
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.data.num_workers > 0,
+        # the loader's base seed comes from its own generator, not the global torch RNG, so a
+        # resumed run's global stream (dropout, drop-path) continues where it stopped
+        generator=torch.Generator().manual_seed(seed),
     )
     batches = iter(loader)
     if val_sets is None:
