@@ -190,4 +190,6 @@ def test_scheduler_state_round_trip():
     assert sched2.last_epoch == 17
     assert lrs_over(opt2, sched2, 10) == expected
     # the state is plain data (weights_only-loadable for checkpoints)
-    assert all(isinstance(v, int | float | bool | list | type(None)) for v in sched_state.values())
+    assert all(
+        isinstance(v, int | float | bool | str | list | type(None)) for v in sched_state.values()
+    )

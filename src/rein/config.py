@@ -180,6 +180,14 @@ class OptimConfig:
     warmup_ratio: float = 1e-6
     grad_clip: float | None = None
     backbone_lr_mult: float = 1.0
+    # Poly horizon: "max_iters" (lr reaches min_lr after the last iteration) or "max_iters-1"
+    # (mmengine's PolyLR, used by the official SoMA / RecycleLoRA configs: the last iteration
+    # already runs at min_lr).
+    poly_horizon: str = field(default="max_iters", metadata=_choices("max_iters", "max_iters-1"))
+    # Weight decay per iteration: "constant", or "cosine" from each group's own decay down to
+    # wd_min over max_iters (SoMA / RecycleLoRA; groups whose decay is 0 *rise* to wd_min).
+    wd_schedule: str = field(default="constant", metadata=_choices("constant", "cosine"))
+    wd_min: float = 1e-5
 
 
 @dataclass
@@ -194,6 +202,9 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     deterministic: bool = False
+    # EMA of the trainable weights (null: none); evaluation and checkpoints use the average.
+    ema_momentum: float | None = None
+    ema_begin_iter: int = 0  # before it the average follows the live weights
 
 
 @dataclass

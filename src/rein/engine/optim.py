@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,14 @@ from torch.optim.lr_scheduler import LRScheduler
 if TYPE_CHECKING:
     from rein.config import OptimConfig
 
-__all__ = ["NO_DECAY_KEYS", "is_no_decay", "build_param_groups", "build_optimizer", "PolyLR"]
+__all__ = [
+    "NO_DECAY_KEYS",
+    "is_no_decay",
+    "build_param_groups",
+    "build_optimizer",
+    "PolyLR",
+    "CosineWeightDecay",
+]
 
 # Parameter-name substrings that never get weight decay (besides norm layers).
 NO_DECAY_KEYS = ("query_embed", "level_embed", "learnable_tokens")
@@ -110,8 +118,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 class PolyLR(LRScheduler):
     """Poly decay per iteration, with optional linear warm-up.
 
-    ``lr(it) = (base - min_lr) * (1 - it / max_iters) ** power + min_lr`` for each param
-    group's own base lr (``it`` is clamped to ``max_iters``). During the first
+    ``lr(it) = (base - min_lr) * (1 - it / T) ** power + min_lr`` for each param group's own
+    base lr, with ``T = max_iters`` or, for ``horizon="max_iters-1"`` (mmengine's PolyLR),
+    ``T = max_iters - 1`` (``it`` is clamped to ``T``). During the first
     ``warmup_iters`` iterations that value is scaled by a factor rising linearly from
     ``warmup_ratio`` (at it=0) to 1 (at it=warmup_iters). Call :meth:`step` once per
     iteration, after ``optimizer.step()``.
@@ -126,7 +135,11 @@ class PolyLR(LRScheduler):
         warmup_iters: int = 0,
         warmup_ratio: float = 1e-6,
         last_epoch: int = -1,
+        horizon: str = "max_iters",
     ) -> None:
+        if horizon not in ("max_iters", "max_iters-1"):
+            raise ValueError(f"poly horizon must be 'max_iters' or 'max_iters-1', got {horizon!r}")
+        self.horizon = horizon
         if max_iters < 1:
             raise ValueError(f"max_iters must be >= 1, got {max_iters}")
         if warmup_iters < 0:
@@ -140,8 +153,10 @@ class PolyLR(LRScheduler):
 
     def lr_at(self, iteration: int) -> list[float]:
         """Learning rates of every param group at ``iteration`` (closed form)."""
-        it = min(max(int(iteration), 0), self.max_iters)
-        decay = (1.0 - it / self.max_iters) ** self.power
+        span = self.max_iters - 1 if self.horizon == "max_iters-1" else self.max_iters
+        span = max(span, 1)
+        it = min(max(int(iteration), 0), span)
+        decay = (1.0 - it / span) ** self.power
         factor = 1.0
         if self.warmup_iters > 0 and it < self.warmup_iters:
             factor = self.warmup_ratio + (1.0 - self.warmup_ratio) * it / self.warmup_iters
@@ -155,3 +170,34 @@ class PolyLR(LRScheduler):
 
     def _get_closed_form_lr(self) -> list[float]:
         return self.lr_at(self.last_epoch)
+
+
+class CosineWeightDecay:
+    """Cosine annealing of every group's weight decay (mmengine ``CosineAnnealingParamScheduler``
+    on ``weight_decay``, as SoMA and RecycleLoRA use it).
+
+    ``wd(it) = wd_min + (wd0 - wd_min) * (1 + cos(pi * it / max_iters)) / 2`` with each group's
+    initial decay ``wd0``; groups with ``wd0 = 0`` therefore rise from 0 to ``wd_min`` (the
+    official behaviour). Closed form: :meth:`set_iteration` before the step of iteration ``it``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_iters: int, wd_min: float) -> None:
+        if max_iters < 1:
+            raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+        self.optimizer = optimizer
+        self.max_iters = int(max_iters)
+        self.wd_min = float(wd_min)
+        for group in optimizer.param_groups:
+            group.setdefault("initial_weight_decay", group["weight_decay"])
+
+    def wd_at(self, iteration: int) -> list[float]:
+        it = min(max(int(iteration), 0), self.max_iters)
+        cos = (1.0 + math.cos(math.pi * it / self.max_iters)) / 2.0
+        return [
+            self.wd_min + (g["initial_weight_decay"] - self.wd_min) * cos
+            for g in self.optimizer.param_groups
+        ]
+
+    def set_iteration(self, iteration: int) -> None:
+        for group, wd in zip(self.optimizer.param_groups, self.wd_at(iteration)):
+            group["weight_decay"] = wd

@@ -35,8 +35,9 @@ from rein.engine.checkpoint import (
     write_json_atomic,
 )
 from rein.engine.distributed import barrier, init_distributed, is_main
+from rein.engine.ema import WeightEMA
 from rein.engine.evaluate import evaluate_domains
-from rein.engine.optim import PolyLR, build_optimizer
+from rein.engine.optim import CosineWeightDecay, PolyLR, build_optimizer
 
 __all__ = ["train", "StreamSampler", "SeededStream", "build_train_set", "build_val_sets", "run_dir"]
 
@@ -217,11 +218,17 @@ def train(
         min_lr=cfg.optim.min_lr,
         warmup_iters=cfg.optim.warmup_iters,
         warmup_ratio=cfg.optim.warmup_ratio,
+        horizon=cfg.optim.poly_horizon,
+    )
+    wd_schedule = (
+        CosineWeightDecay(optimizer, tcfg.max_iters, cfg.optim.wd_min)
+        if cfg.optim.wd_schedule == "cosine"
+        else None
     )
     scaler = torch.amp.GradScaler(device.type, enabled=tcfg.amp == "fp16")
 
     # 2. resume from `latest` when it exists
-    start, best = 0, -math.inf
+    start, best, live = 0, -math.inf, None
     if resume and list_checkpoints(out):
         state, meta, train_state = load_checkpoint(out, "latest")
         load_into(model, state)
@@ -231,8 +238,18 @@ def train(
         restore_rng_state(train_state["rng"])
         start = int(meta["iteration"])
         best = -math.inf if meta.get("best") is None else float(meta["best"])
-        if is_main():
-            print(f"resumed from {out / 'latest.safetensors'} at iteration {start}")
+        live = train_state.get("live_weights")
+    ema = WeightEMA(model, tcfg.ema_momentum, tcfg.ema_begin_iter) if tcfg.ema_momentum else None
+    if start and live is not None:
+        # the checkpoint's weights are the average; the live weights train on
+        if ema is None:
+            raise ValueError(
+                f"{out / 'latest'} was saved with an EMA of the weights (train.ema_momentum); "
+                "resume with the same train.ema_momentum"
+            )
+        load_into(model, live)
+    if start and is_main():
+        print(f"resumed from {out / 'latest.safetensors'} at iteration {start}")
 
     ddp_model: nn.Module = model
     if world > 1:
@@ -287,6 +304,8 @@ def train(
     t0, it = time.perf_counter(), start
     for it in range(start, end):
         logs: dict[str, float] = {}
+        if wd_schedule is not None:
+            wd_schedule.set_iteration(it)
         for micro in range(tcfg.grad_accum):
             images, labels = next(batches)
             images, labels = (
@@ -308,6 +327,8 @@ def train(
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(it)
         logs["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step()
         done = it + 1
@@ -329,18 +350,19 @@ def train(
             and tcfg.val_interval
             and (done % tcfg.val_interval == 0 or done == tcfg.max_iters)
         ):
-            last_eval = evaluate_domains(
-                model,
-                val_sets,
-                cfg.model.head.num_classes,
-                cfg.eval,
-                class_names=list(CLASS_NAMES)
-                if cfg.model.head.num_classes == len(CLASS_NAMES)
-                else None,
-                device=device,
-                progress=progress,
-                distributed=world > 1,
-            )
+            with ema.swapped() if ema is not None else nullcontext():
+                last_eval = evaluate_domains(
+                    model,
+                    val_sets,
+                    cfg.model.head.num_classes,
+                    cfg.eval,
+                    class_names=list(CLASS_NAMES)
+                    if cfg.model.head.num_classes == len(CLASS_NAMES)
+                    else None,
+                    device=device,
+                    progress=progress,
+                    distributed=world > 1,
+                )
             evaluated = True
             logger.log(
                 done,
@@ -354,10 +376,23 @@ def train(
         if improved:
             best = float(last_eval["DG avg"])
         if is_ckpt or evaluated:
-            _save(cfg, model, optimizer, scheduler, scaler, out, done, best, last_eval, evaluated)
+            _save(
+                cfg, model, optimizer, scheduler, scaler, out, done, best, last_eval, evaluated, ema
+            )
         if improved:
             _save(
-                cfg, model, optimizer, scheduler, scaler, out, done, best, last_eval, True, "best"
+                cfg,
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                out,
+                done,
+                best,
+                last_eval,
+                True,
+                ema,
+                "best",
             )
     if bar is not None:
         bar.close()
@@ -374,20 +409,34 @@ def train(
 
 
 def _save(
-    cfg, model, optimizer, scheduler, scaler, out, done, best, last_eval, evaluated, tag="latest"
+    cfg,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    out,
+    done,
+    best,
+    last_eval,
+    evaluated,
+    ema,
+    tag="latest",
 ):
     if not is_main():
         return
-    train_state = {
+    weights = model.trainable_state_dict()
+    train_state: dict[str, Any] = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": capture_rng_state(),
         "iteration": done,
     }
+    if ema is not None:  # the checkpoint holds the average; the live weights go with the state
+        train_state["live_weights"] = {k: v.detach().clone() for k, v in weights.items()}
+        with ema.swapped():
+            weights = {k: v.clone() for k, v in model.trainable_state_dict().items()}
     meta = {"config": config_to_dict(cfg), "iteration": done, "best": best}
     if evaluated:
         meta["eval"] = {k: (v["mIoU"] if isinstance(v, dict) else v) for k, v in last_eval.items()}
-    save_checkpoint(
-        out, tag, model.trainable_state_dict(), meta, train_state if tag == "latest" else None
-    )
+    save_checkpoint(out, tag, weights, meta, train_state if tag == "latest" else None)

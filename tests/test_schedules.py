@@ -1,0 +1,112 @@
+"""Per-iteration schedules of the successors' recipes: mmengine's poly horizon, cosine
+weight-decay annealing and the EMA of the weights (through the training loop, with resume)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_trainer import tiny_train_config
+
+from rein.engine.checkpoint import load_checkpoint
+from rein.engine.ema import WeightEMA
+from rein.engine.optim import CosineWeightDecay, PolyLR
+from rein.engine.trainer import train
+
+
+def _optimizer(*wds: float) -> torch.optim.AdamW:
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": wd} for wd in wds]
+    return torch.optim.AdamW(groups, lr=1e-4)
+
+
+def test_mmengine_poly_horizon_reaches_zero_at_the_last_iteration():
+    sched = PolyLR(_optimizer(0.05), 40_000, power=0.9, horizon="max_iters-1")
+    # spec: 5.35875e-5 at t = 20,000 for a 1e-4 group; exactly 0 at t = 39,999
+    assert sched.lr_at(20_000)[0] == pytest.approx(1e-4 * (1 - 20_000 / 39_999) ** 0.9, rel=1e-12)
+    assert sched.lr_at(20_000)[0] == pytest.approx(5.35875e-5, abs=5e-10)
+    assert sched.lr_at(39_999) == [0.0]
+    default = PolyLR(_optimizer(0.05), 40_000, power=0.9)
+    assert default.lr_at(39_999)[0] == pytest.approx(1e-4 * (1 / 40_000) ** 0.9)
+
+
+def test_bad_poly_horizon_is_refused():
+    with pytest.raises(ValueError, match="poly horizon"):
+        PolyLR(_optimizer(0.0), 10, horizon="T")
+
+
+def test_cosine_weight_decay_anneals_and_raises_zero_groups():
+    opt = _optimizer(0.05, 0.0)
+    sched = CosineWeightDecay(opt, 40_000, wd_min=1e-5)
+    assert sched.wd_at(0) == pytest.approx([0.05, 0.0])
+    # spec: 0.025005 and 5e-6 at t = 20,000; wd_min at the end
+    assert sched.wd_at(20_000) == pytest.approx([0.025005, 5e-6], rel=1e-9)
+    assert sched.wd_at(40_000) == pytest.approx([1e-5, 1e-5])
+    t = 12_345
+    cos = (1 + math.cos(math.pi * t / 40_000)) / 2
+    sched.set_iteration(t)
+    assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx(
+        [1e-5 + (0.05 - 1e-5) * cos, 1e-5 * (1 - cos)]
+    )
+
+
+def test_ema_follows_the_weights_then_averages():
+    lin = torch.nn.Linear(2, 1)
+    frozen = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+    lin.register_parameter("frozen", frozen)
+    ema = WeightEMA(lin, momentum=0.25, begin_iter=2)
+    assert set(ema.shadow) == {"weight", "bias"}
+    history = []
+    for it in range(4):
+        with torch.no_grad():
+            lin.weight.fill_(float(it + 1))
+        ema.update(it)
+        history.append(ema.shadow["weight"][0, 0].item())
+    # it 0, 1: copies (1, 2); it 2: 2 + 0.25 (3 - 2); it 3: 2.25 + 0.25 (4 - 2.25)
+    assert history == [1.0, 2.0, 2.25, 2.6875]
+    with ema.swapped():
+        assert lin.weight[0, 0].item() == 2.6875
+    assert lin.weight[0, 0].item() == 4.0
+
+
+@pytest.mark.parametrize("momentum", [0.0, 1.5])
+def test_bad_ema_momentum_is_refused(momentum):
+    with pytest.raises(ValueError, match="ema_momentum"):
+        WeightEMA(torch.nn.Linear(1, 1), momentum=momentum)
+
+
+def _ema_config(out, **train_kw):
+    cfg = tiny_train_config(out, ema_momentum=0.5, ema_begin_iter=2, **train_kw)
+    cfg.optim.wd_schedule = "cosine"
+    cfg.optim.poly_horizon = "max_iters-1"
+    return cfg
+
+
+def test_checkpoints_hold_the_average_and_resume_bit_identically(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_ema_config(a), progress=False)
+    train(_ema_config(b), progress=False, stop_after=3)
+    train(_ema_config(b), progress=False)
+    state_a, meta_a, ts_a = load_checkpoint(a / "tiny", "latest")
+    state_b, _, ts_b = load_checkpoint(b / "tiny", "latest")
+    assert meta_a["iteration"] == 4
+    live = ts_a["live_weights"]
+    assert state_a.keys() == live.keys() == state_b.keys()
+    differs = [k for k in state_a if not torch.equal(state_a[k], live[k])]
+    assert differs, "the checkpoint should hold the EMA weights, not the live ones"
+    for k in state_a:
+        assert torch.equal(state_a[k], state_b[k]), k
+        assert torch.equal(live[k], ts_b["live_weights"][k]), k
+    # the weight decay of the last step (iteration 3 of 4) is the cosine value of each group
+    groups = ts_a["optimizer"]["param_groups"]
+    cos = (1 + math.cos(math.pi * 3 / 4)) / 2
+    assert {g["initial_weight_decay"] for g in groups} == {0.0, 0.05}
+    for g in groups:
+        assert g["weight_decay"] == pytest.approx(1e-5 + (g["initial_weight_decay"] - 1e-5) * cos)
+
+
+def test_resuming_an_ema_run_without_ema_is_refused(tmp_path):
+    train(_ema_config(tmp_path), progress=False, stop_after=2)
+    cfg = tiny_train_config(tmp_path)
+    with pytest.raises(ValueError, match="ema_momentum"):
+        train(cfg, progress=False)
