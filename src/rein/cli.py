@@ -1,4 +1,4 @@
-"""The ``rein`` command line: train | eval | predict | demo | params | convert | convert-backbone."""
+"""The ``rein`` command line: train | eval | predict | export | merge | demo | params | convert."""
 
 from __future__ import annotations
 

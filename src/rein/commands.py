@@ -187,6 +187,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from rein.cli import resolve_config
     from rein.export import ExportError, export_segmentor
+    from rein.methods import TuningMethod, merge_model
 
     cfg = resolve_config(args.config, args.set)
     if not Path(args.checkpoint).exists():
@@ -194,6 +195,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     height = args.height or cfg.eval.crop_size
     width = args.width or cfg.eval.crop_size
     model = _load_model(cfg, args.checkpoint)
+    if type(model.method).merge is not TuningMethod.merge:  # weight-space adapters: merge first
+        merge_model(model)
     try:
         result = export_segmentor(
             model,
@@ -216,6 +219,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(
         f"wrote {result.path} ({result.format} via {result.exporter}): input image "
         f"{result.input_shape} normalised -> class scores {result.output_shape}; {check}"
+    )
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from rein.cli import resolve_config
+    from rein.methods import merge_model, plain_backbone_state
+
+    cfg = resolve_config(args.config, args.set)
+    if not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must name a .safetensors file, got {out}")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; name a .safetensors file")
+    model = _load_model(cfg, args.checkpoint)
+    merge_model(model)
+    state = plain_backbone_state(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out), metadata={"merged_from": cfg.model.tuning})
+    print(
+        f"wrote {out}: the {cfg.model.backbone.name} backbone with {cfg.model.tuning} merged in "
+        f"({len(state)} tensors); use it as model.backbone.weights of a 'frozen' config"
     )
     return 0
 
@@ -316,6 +345,16 @@ def register(sub, add_set) -> None:
     )
     add_set(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "merge",
+        help="fold a weight-space adapter (lora, soma, recyclelora) into a plain backbone file",
+    )
+    p.add_argument("config")
+    p.add_argument("checkpoint", help="our checkpoint (dir or .safetensors) or an official .pth")
+    p.add_argument("--out", required=True, help="output .safetensors (timm layout)")
+    add_set(p)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("demo", help="the built-in domain-generalization demo (CPU, no downloads)")
     p.add_argument("--out", default="demo_out", help="output directory (tables, overlays)")

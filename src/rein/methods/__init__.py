@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from rein.methods.adaptformer import AdaptFormerMethod
-from rein.methods.base import NoOptions, TuningMethod, parse_options
+from rein.methods.base import NoOptions, TuningMethod, parse_options, strip_merged_wrappers
 from rein.methods.frozen import FrozenMethod
 from rein.methods.full import FullMethod
 from rein.methods.lora import LoRAMethod
@@ -42,6 +42,8 @@ __all__ = [
     "build_method",
     "resolve_tuning_options",
     "apply_tuning",
+    "merge_model",
+    "plain_backbone_state",
 ]
 
 _BUILTIN: tuple[type[TuningMethod], ...] = (
@@ -126,3 +128,31 @@ def apply_tuning(
         p.requires_grad_(True)
     model.method = method
     return method
+
+
+def merge_model(model: nn.Module) -> None:
+    """Fold the model's weight-space adapter into the frozen weights and drop the wrappers, so
+    the backbone is a plain timm model again (inference costs nothing extra). Idempotent.
+
+    Raises:
+        ValueError: the method is not a weight-space adapter (Rein, VPT, AdaptFormer, ...).
+    """
+    method = getattr(model, "method", None)
+    if method is None or not method.merge(model):
+        name = getattr(method, "name", "?")
+        mergeable = ", ".join(n for n, c in METHODS.items() if c.merge is not TuningMethod.merge)
+        raise ValueError(
+            f"tuning '{name}' cannot be merged into the backbone weights (it is not a "
+            f"weight-space adapter); methods that merge: {mergeable}"
+        )
+    strip_merged_wrappers(model.backbone.timm_model)  # type: ignore[attr-defined]
+
+
+def plain_backbone_state(model: nn.Module) -> dict[str, Any]:
+    """The backbone's weights in the timm layout (+ ``mask_token``), loadable as
+    ``model.backbone.weights`` of any config with the same backbone."""
+    backbone = model.backbone  # type: ignore[attr-defined]
+    state = {k: v.detach().contiguous() for k, v in backbone.timm_model.state_dict().items()}
+    if hasattr(backbone, "mask_token"):
+        state["mask_token"] = backbone.mask_token.detach().contiguous()
+    return state

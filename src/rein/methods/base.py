@@ -41,6 +41,7 @@ __all__ = [
     "positive_int",
     "finite_number",
     "reference_param",
+    "strip_merged_wrappers",
 ]
 
 
@@ -171,3 +172,17 @@ def adapted_blocks(backbone: nn.Module, method: str) -> tuple[nn.Module, range]:
         )
     last = getattr(backbone, "last_index", len(blocks) - 1)
     return blocks, range(last + 1)
+
+
+def strip_merged_wrappers(root: nn.Module) -> int:
+    """Replace every merged wrapper under ``root`` (a module with ``base_layer`` and a true
+    ``merged`` flag, ours or peft's) by its ``base_layer``; returns how many were replaced."""
+    replaced = 0
+    for module in list(root.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(getattr(child, "base_layer", None), nn.Module) and getattr(
+                child, "merged", False
+            ):
+                setattr(module, name, child.base_layer)
+                replaced += 1
+    return replaced

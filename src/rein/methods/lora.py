@@ -74,6 +74,15 @@ class LoRAMethod(TuningMethod):
         )
         inject_adapter_in_model(config, backbone.vit)
 
+    def merge(self, model: nn.Module) -> bool:
+        """Fold every peft LoRA layer into its frozen weight (peft's ``merge``; idempotent)."""
+        from peft.tuners.lora import LoraLayer
+
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and not module.merged:
+                module.merge()
+        return True
+
     def report_group(self, name: str) -> str | None:
         return "lora" if name.startswith("backbone.") and ".lora_" in name else None
 
