@@ -10,6 +10,7 @@ sampling. Multi-GPU / multi-node runs are launched with ``torchrun`` and use DDP
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -290,6 +291,7 @@ def train(
         val_sets = build_val_sets(cfg) if cfg.data.val else {}
 
     # 4. iterate
+    save = functools.partial(_save, cfg, model, optimizer, scheduler, scaler, out, ema)
     logger = _Logger(out, is_main())
     params = [p for p in model.parameters() if p.requires_grad]
     end = tcfg.max_iters if stop_after is None else min(tcfg.max_iters, start + stop_after)
@@ -376,24 +378,9 @@ def train(
         if improved:
             best = float(last_eval["DG avg"])
         if is_ckpt or evaluated:
-            _save(
-                cfg, model, optimizer, scheduler, scaler, out, done, best, last_eval, evaluated, ema
-            )
+            save(done, best, last_eval, evaluated)
         if improved:
-            _save(
-                cfg,
-                model,
-                optimizer,
-                scheduler,
-                scaler,
-                out,
-                done,
-                best,
-                last_eval,
-                True,
-                ema,
-                "best",
-            )
+            save(done, best, last_eval, True, tag="best")
     if bar is not None:
         bar.close()
     logger.close()
@@ -415,11 +402,11 @@ def _save(
     scheduler,
     scaler,
     out,
+    ema,
     done,
     best,
     last_eval,
     evaluated,
-    ema,
     tag="latest",
 ):
     if not is_main():
