@@ -11,6 +11,10 @@
 ``vpt``        deep visual prompt tuning: ``num_prompts`` (10) tokens per block.
 ``adaptformer`` a parallel bottleneck adapter on every block's MLP (``bottleneck`` 64,
                ``scale`` 0.1).
+``soma``       SoMA: rank-16 adapters from the minor SVD components of the ViT's
+               qkv / proj / fc1 / fc2 in blocks >= 8 (``rank``, ``start_block``, ``init``).
+``recyclelora`` RecycleLoRA: main (minor) + sub (major) adapters from a pivoted QR of every
+               qkv / proj / fc1 / fc2 (``r_max`` 36, ``r_main`` 32, ``alpha`` 1).
 =============  ==========================================================================
 
 Adding a method is one new file with a :class:`TuningMethod` subclass and a line in
@@ -30,7 +34,9 @@ from rein.methods.base import NoOptions, TuningMethod, parse_options, strip_merg
 from rein.methods.frozen import FrozenMethod
 from rein.methods.full import FullMethod
 from rein.methods.lora import LoRAMethod
+from rein.methods.recyclelora import RecycleLoRAMethod
 from rein.methods.rein import ReinMethod
+from rein.methods.soma import SoMAMethod
 from rein.methods.vpt import VPTMethod
 
 __all__ = [
@@ -53,6 +59,8 @@ _BUILTIN: tuple[type[TuningMethod], ...] = (
     LoRAMethod,
     VPTMethod,
     AdaptFormerMethod,
+    SoMAMethod,
+    RecycleLoRAMethod,
 )
 METHODS: dict[str, type[TuningMethod]] = {cls.name: cls for cls in _BUILTIN}
 
