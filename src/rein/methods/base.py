@@ -40,6 +40,7 @@ __all__ = [
     "parse_options",
     "positive_int",
     "finite_number",
+    "linear_targets",
     "reference_param",
     "strip_merged_wrappers",
 ]
@@ -85,6 +86,21 @@ def finite_number(method: str, key: str, value: Any, positive: bool = False) -> 
     if positive and value <= 0:
         raise ValueError(f"tuning '{method}': option '{key}' must be > 0, got {value!r}")
     return float(value)
+
+
+def linear_targets(method: str, value: Any) -> list[str]:
+    """Option ``targets``: Linear layer names (a name or a non-empty list), duplicates dropped."""
+    items = [value] if isinstance(value, str) else value
+    if (
+        not isinstance(items, list | tuple)
+        or not items
+        or not all(isinstance(t, str) and t for t in items)
+    ):
+        raise ValueError(
+            f"tuning '{method}': option 'targets' must be a non-empty list of Linear layer "
+            f"names such as [qkv, proj, fc1, fc2], got {value!r}"
+        )
+    return list(dict.fromkeys(items))  # keep the order
 
 
 class TuningMethod:

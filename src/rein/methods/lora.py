@@ -11,7 +11,13 @@ import dataclasses
 
 from torch import nn
 
-from rein.methods.base import TuningMethod, adapted_blocks, finite_number, positive_int
+from rein.methods.base import (
+    TuningMethod,
+    adapted_blocks,
+    finite_number,
+    linear_targets,
+    positive_int,
+)
 
 __all__ = ["LoRAOptions", "LoRAMethod"]
 
@@ -26,17 +32,7 @@ class LoRAOptions:
         self.rank = positive_int(method, "rank", self.rank)
         alpha = self.rank if self.alpha is None else self.alpha
         self.alpha = finite_number(method, "alpha", alpha, positive=True)
-        items = [self.targets] if isinstance(self.targets, str) else self.targets
-        if (
-            not isinstance(items, list | tuple)
-            or not items
-            or not all(isinstance(t, str) and t for t in items)
-        ):
-            raise ValueError(
-                f"tuning '{method}': option 'targets' must be a non-empty list of Linear layer "
-                f"names such as [qkv, proj, fc1, fc2], got {self.targets!r}"
-            )
-        self.targets = list(dict.fromkeys(items))  # drop duplicates, keep order
+        self.targets = linear_targets(method, self.targets)
 
 
 class LoRAMethod(TuningMethod):

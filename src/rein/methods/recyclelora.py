@@ -64,6 +64,7 @@ from rein.methods.base import (
     TuningMethod,
     adapted_blocks,
     finite_number,
+    linear_targets,
     positive_int,
 )
 
@@ -97,17 +98,7 @@ class RecycleLoRAOptions:
                 f"tuning '{method}': option 'r_main' must be an integer >= 0, got {self.r_main!r}"
             )
         self.alpha = finite_number(method, "alpha", self.alpha, positive=True)
-        items = [self.targets] if isinstance(self.targets, str) else self.targets
-        if (
-            not isinstance(items, list | tuple)
-            or not items
-            or not all(isinstance(t, str) and t for t in items)
-        ):
-            raise ValueError(
-                f"tuning '{method}': option 'targets' must be a non-empty list of Linear layer "
-                f"names such as [qkv, proj, fc1, fc2], got {self.targets!r}"
-            )
-        self.targets = list(dict.fromkeys(items))
+        self.targets = linear_targets(method, self.targets)
         self.sub_lr_mult = finite_number(method, "sub_lr_mult", self.sub_lr_mult, positive=True)
         self.backbone_lr_mult = finite_number(
             method, "backbone_lr_mult", self.backbone_lr_mult, positive=True

@@ -61,6 +61,7 @@ from rein.methods.base import (
     TuningMethod,
     adapted_blocks,
     finite_number,
+    linear_targets,
     positive_int,
 )
 
@@ -104,17 +105,7 @@ class SoMAOptions:
             raise ValueError(
                 f"tuning '{method}': option 'start_block' must be >= 0, got {self.start_block}"
             )
-        items = [self.targets] if isinstance(self.targets, str) else self.targets
-        if (
-            not isinstance(items, list | tuple)
-            or not items
-            or not all(isinstance(t, str) and t for t in items)
-        ):
-            raise ValueError(
-                f"tuning '{method}': option 'targets' must be a non-empty list of Linear layer "
-                f"names such as [qkv, proj, fc1, fc2], got {self.targets!r}"
-            )
-        self.targets = list(dict.fromkeys(items))
+        self.targets = linear_targets(method, self.targets)
         if self.init not in INITS:
             hint = " (the randomized svd_lowrank init keeps the largest components: not SoMA)"
             raise ValueError(
