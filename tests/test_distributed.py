@@ -25,6 +25,7 @@ def _worker(rank: int, tmp: str) -> None:
     _init(rank, tmp)
     out = {"criterion": _criterion_job(rank), "eval": _eval_job(rank)}
     (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(out))
+    dist.barrier()  # neither rank tears the group down while the other still uses it
     dist.destroy_process_group()
 
 
