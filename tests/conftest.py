@@ -109,3 +109,28 @@ def tiny_run(tmp_path, style: str = "night", mode: str = "slide"):
         Path(tmp_path) / "ckpt", "latest", model.trainable_state_dict(), {"iteration": 0}
     )
     return path, Path(tmp_path) / "ckpt"
+
+
+# -- shared by the weight-space adapter tests (test_soma, test_recyclelora) ----------------
+def open_layerscale(model):
+    """DINOv2's LayerScale starts at 1e-5, which hides what a block does: set it to 1."""
+    with torch.no_grad():
+        for name, p in model.backbone.vit.named_parameters():
+            if name.endswith(".gamma"):
+                p.fill_(1.0)
+    return model
+
+
+def seg(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model.seg_scores(x)
+
+
+def loss_of(model, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    y = torch.zeros(2, 64, 64, dtype=torch.long)
+    y[:, 32:] = 13
+    y[:, :, :10] = 255
+    return model.loss(x, y, generator=g)["loss"]

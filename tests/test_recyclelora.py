@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import tiny_model_config
+from conftest import loss_of, open_layerscale, seg, tiny_model_config
 from torch import nn
 
 from rein.config import load_config
@@ -49,30 +49,6 @@ def plain_layers(model) -> dict[str, nn.Linear]:
         for i, block in enumerate(model.backbone.vit.blocks)
         for name in LINEARS
     }
-
-
-def open_layerscale(model):
-    """DINOv2's LayerScale starts at 1e-5, which hides what a block does: set it to 1."""
-    with torch.no_grad():
-        for name, p in model.backbone.vit.named_parameters():
-            if name.endswith(".gamma"):
-                p.fill_(1.0)
-    return model
-
-
-def seg(model, x):
-    model.eval()
-    with torch.no_grad():
-        return model.seg_scores(x)
-
-
-def loss_of(model, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, 64, 64, generator=g)
-    y = torch.zeros(2, 64, 64, dtype=torch.long)
-    y[:, 32:] = 13
-    y[:, :, :10] = 255
-    return model.loss(x, y, generator=g)["loss"]
 
 
 def delta_of(layer: RecycleLoRALinear) -> torch.Tensor:
