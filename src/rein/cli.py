@@ -100,28 +100,63 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
     from rein.config import config_to_dict
-    from rein.engine.checkpoint import load_checkpoint, load_into, save_checkpoint
+    from rein.engine.checkpoint import (
+        load_checkpoint,
+        load_into,
+        save_checkpoint,
+        trainable_state_dict,
+    )
     from rein.interop import export_official, load_official
+    from rein.methods import METHODS, check_checkpoint_method
     from rein.segmentor import build_segmentor
 
     cfg = resolve_config(args.config, args.set)
-    with torch.device("cpu"):
-        model = build_segmentor(cfg.model, load_weights=False, with_criterion=False)
+    whole = METHODS[cfg.model.tuning].official_saves_whole_model
     if args.to_official:
-        state, _, _ = load_checkpoint(args.src)
+        # SoMA / RecycleLoRA files hold the whole model: the frozen weights must be the real ones
+        with torch.device("cpu"):
+            model = build_segmentor(cfg.model, load_weights=whole, with_criterion=False)
+        state, meta, _ = load_checkpoint(args.src, load_train_state=False)
+        check_checkpoint_method(meta, cfg.model, str(args.src))
         load_into(model, state)
         n = export_official(model, args.dst, meta={"source": str(args.src), "rein": "export"})
         print(f"wrote official-layout checkpoint {args.dst} ({n} keys)")
         return 0
+    options = dict(cfg.model.tuning_options or {})
+    if cfg.model.tuning == "soma" and options.get("init", "pretrained") != "official_random":
+        # official SoMA files (Runner checkpoints and releases) run on base = the full W
+        options["init"] = "official_random"
+        cfg.model.tuning_options = options
+        print(
+            "note: official SoMA checkpoints run on base = the full pretrained W; the converted "
+            "checkpoint records model.tuning_options.init: official_random (evaluate it with "
+            "--set model.tuning_options.init=official_random)"
+        )
+    with torch.device("cpu"):
+        model = build_segmentor(cfg.model, load_weights=False, with_criterion=False)
     keys = load_official(model, args.src, trust_pickle=args.trust_pickle)
+    trainable = trainable_state_dict(model)
+    if args.keep_frozen:
+        loaded = set(keys)
+        state = {k: v for k, v in model.state_dict().items() if k in loaded or k in trainable}
+    else:
+        state = dict(trainable)
     out = Path(args.dst)
     save_checkpoint(
         out,
         "converted",
-        model.trainable_state_dict(),
+        state,
         meta={"config": config_to_dict(cfg), "iteration": 0, "source": str(args.src)},
     )
+    frozen = len(set(keys) - set(trainable))
     print(f"loaded {len(keys)} keys from {args.src}; wrote {out / 'converted.safetensors'}")
+    if frozen and not args.keep_frozen:
+        rebuilt = "residuals (pivoted QR) and " if cfg.model.tuning == "recyclelora" else ""
+        print(
+            f"note: the file's {frozen} frozen tensors were not stored: the model rebuilds its "
+            f"{rebuilt}frozen weights from model.backbone.weights; pass --keep-frozen to store "
+            "them as the file has them"
+        )
     return 0
 
 
@@ -165,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="official .pth (import) or our checkpoint dir/file (--to-official)")
     p.add_argument("dst", help="output directory (import) or .pth file (--to-official)")
     p.add_argument("--to-official", action="store_true", help="export ours to the official layout")
+    p.add_argument(
+        "--keep-frozen",
+        action="store_true",
+        help="import: also store the file's frozen tensors (e.g. a RecycleLoRA run's residuals)",
+    )
     p.add_argument(
         "--trust-pickle",
         action="store_true",

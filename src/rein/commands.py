@@ -38,8 +38,10 @@ def _load_model(cfg, checkpoint: str):
         load_official(model, path)
     else:
         from rein.engine.checkpoint import CheckpointError
+        from rein.methods import check_checkpoint_method
 
-        state, _, _ = load_checkpoint(path, "latest")
+        state, meta, _ = load_checkpoint(path, "latest", load_train_state=False)
+        check_checkpoint_method(meta, cfg.model, str(path))
         try:
             load_into(model, state)
         except CheckpointError as exc:

@@ -43,6 +43,7 @@ __all__ = [
     "TuningMethod",
     "NoOptions",
     "METHODS",
+    "check_checkpoint_method",
     "method_names",
     "register_method",
     "build_method",
@@ -164,3 +165,35 @@ def plain_backbone_state(model: nn.Module) -> dict[str, Any]:
     if hasattr(backbone, "mask_token"):
         state["mask_token"] = backbone.mask_token.detach().contiguous()
     return state
+
+
+def check_checkpoint_method(meta: Mapping[str, Any], model_cfg: Any, src: str) -> None:
+    """Raise :class:`rein.engine.checkpoint.CheckpointError` when a checkpoint was written for
+    another tuning method, or with method options that change what its weights mean (a rank, a
+    SoMA init), than ``model_cfg``. Checkpoints without a recorded config pass."""
+    from rein.engine.checkpoint import CheckpointError
+
+    saved = (meta.get("config") or {}).get("model") if isinstance(meta, Mapping) else None
+    if not isinstance(saved, Mapping):
+        return
+    tuning = saved.get("tuning", "rein")
+    if tuning != model_cfg.tuning:
+        raise CheckpointError(
+            f"{src} holds a model.tuning: {tuning} checkpoint but the config has "
+            f"model.tuning: {model_cfg.tuning}; use the config it was written with"
+        )
+    if tuning not in METHODS:
+        return
+    try:
+        theirs = build_method(tuning, saved.get("tuning_options")).weight_options()
+    except ValueError:  # options of an older version: the key / shape checks still apply
+        return
+    ours = build_method(model_cfg.tuning, model_cfg.tuning_options).weight_options()
+    for key, value in theirs.items():
+        if ours.get(key) != value:
+            shown = value if not isinstance(value, list) else "[" + ",".join(map(str, value)) + "]"
+            raise CheckpointError(
+                f"{src} was written with model.tuning_options.{key}: {value} ({tuning}) but the "
+                f"config has {ours.get(key)}; add --set model.tuning_options.{key}={shown} or "
+                "use the config it was written with"
+            )

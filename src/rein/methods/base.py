@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Mapping
+from collections.abc import Collection, Container, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
@@ -42,6 +42,7 @@ __all__ = [
     "finite_number",
     "linear_targets",
     "reference_param",
+    "require_unmerged",
     "strip_merged_wrappers",
 ]
 
@@ -152,6 +153,65 @@ class TuningMethod:
         """Fold the method into the frozen weights; False when it cannot be merged."""
         return False
 
+    # -- checkpoints --------------------------------------------------------------------------
+    #: options that only steer training (lr multipliers, where the init runs): a checkpoint
+    #: trained with other values still fits the model; every other option shapes the weights.
+    training_only_options: ClassVar[tuple[str, ...]] = ()
+
+    def weight_options(self) -> dict[str, Any]:
+        """The options that decide what the weights mean (see ``training_only_options``)."""
+        if not dataclasses.is_dataclass(self.options):
+            return {}
+        return {
+            f.name: getattr(self.options, f.name)
+            for f in dataclasses.fields(self.options)
+            if f.name not in self.training_only_options
+        }
+
+    # -- official checkpoints (see rein.interop) ------------------------------------------------
+    #: whether the official code saves the whole model (SoMA, RecycleLoRA) or only the
+    #: trainable weights (Rein); an export of the whole model needs the real frozen weights.
+    official_saves_whole_model: ClassVar[bool] = False
+
+    @classmethod
+    def claims_official(cls, keys: Collection[str]) -> bool:
+        """Whether an official state dict with these keys was written by this method's code."""
+        return False
+
+    def official_to_ours(
+        self, state: Mapping[str, Tensor], model_keys: Container[str]
+    ) -> dict[str, Tensor]:
+        """Our names for an official state dict (default: Rein's mmseg layout)."""
+        from rein.interop import official_to_ours
+
+        return official_to_ours(state)
+
+    def ours_to_official(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The official names of our state dict (default: Rein's mmseg layout)."""
+        from rein.interop import ours_to_official
+
+        return ours_to_official(state)
+
+    def official_export(self, model: nn.Module) -> dict[str, Tensor]:
+        """What the official code saves: the trainable weights, or the whole (unmerged) model
+        when ``official_saves_whole_model``."""
+        from rein.engine.checkpoint import trainable_state_dict
+
+        if not self.official_saves_whole_model:
+            return self.ours_to_official(trainable_state_dict(model))
+        require_unmerged(model, "exported in the official layout")
+        state = {k: v for k, v in model.state_dict().items() if k.startswith(_MODEL_PREFIXES)}
+        return self.ours_to_official(state)
+
+    def check_official(
+        self, state: Mapping[str, Tensor], model_state: Mapping[str, Tensor], src: str
+    ) -> None:
+        """Raise :class:`rein.interop.InteropError` when a converted official state dict was
+        written with other method options (e.g. another rank); shapes are checked later."""
+
+    def prepare_official_load(self, model: nn.Module, state: Mapping[str, Tensor]) -> None:
+        """Adjust the model before ``state`` (our names, already checked) is copied in."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
 
@@ -168,6 +228,22 @@ class BaseLayerWrapper(nn.Module):
             if name == "base_layer":
                 raise
             return getattr(self.base_layer, name)
+
+
+_MODEL_PREFIXES = ("backbone.", "decode_head.")
+
+
+def require_unmerged(model: nn.Module, what: str) -> None:
+    """Raise :class:`rein.interop.InteropError` when an adapter of ``model`` is merged: its
+    weights then hold ``W_res + s * B @ A``, which no official layout stores."""
+    from rein.interop import InteropError
+
+    merged = [n for n, m in model.named_modules() if getattr(m, "merged", False)]
+    if merged:
+        raise InteropError(
+            f"the model's adapters are merged ({merged[0]}, ...) and cannot be {what}; "
+            "use the unmerged model (a checkpoint as training wrote it)"
+        )
 
 
 def reference_param(module: nn.Module) -> Tensor:

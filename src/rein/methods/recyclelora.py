@@ -52,6 +52,7 @@ names get no decay, the rest (``query_feat``, ``pixel_decoder.level_encoding`` i
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection, Container, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -350,3 +351,54 @@ class RecycleLoRAMethod(TuningMethod):
             if isinstance(module, RecycleLoRALinear):
                 module.merge()
         return True
+
+    # -- checkpoints --------------------------------------------------------------------------
+    training_only_options = ("sub_lr_mult", "backbone_lr_mult")
+    official_saves_whole_model = True
+
+    @classmethod
+    def claims_official(cls, keys: Collection[str]) -> bool:
+        return any(k.rsplit(".", 1)[-1] in ADAPTER_NAMES for k in keys)
+
+    def official_to_ours(
+        self, state: Mapping[str, Tensor], model_keys: Container[str]
+    ) -> dict[str, Tensor]:
+        """Rein's layout (``backbone.<dinov2 key>`` -> ``backbone.vit.<key>``), the weight and
+        bias of every adapted linear under ``base_layer``; the adapters keep their names."""
+        from rein.interop import official_to_ours, with_base_layer
+
+        return {with_base_layer(k, model_keys): v for k, v in official_to_ours(state).items()}
+
+    def ours_to_official(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        from rein.interop import ours_to_official, without_base_layer
+
+        return {without_base_layer(k): v for k, v in ours_to_official(state).items()}
+
+    def check_official(
+        self, state: Mapping[str, Tensor], model_state: Mapping[str, Tensor], src: str
+    ) -> None:
+        from rein.interop import InteropError
+
+        def ranks(source: Mapping[str, Tensor]) -> tuple[int, int]:
+            found = {0: set(), 1: set()}
+            for k, v in source.items():
+                leaf = k.rsplit(".", 1)[-1]
+                if leaf in ("lora_A_main", "lora_A_sub"):
+                    found[leaf == "lora_A_sub"].add(int(v.shape[0]))
+            return max(found[0], default=0), max(found[1], default=0)
+
+        r_file, r_model = ranks(state), (self.options.rank_main, self.options.rank_sub)
+        if r_file != r_model:
+            raise InteropError(
+                f"{src} holds RecycleLoRA adapters of main rank {r_file[0]} / sub rank "
+                f"{r_file[1]} (r_max {sum(r_file)}) but the config has {r_model[0]} / "
+                f"{r_model[1]} (r_max {sum(r_model)}); set model.tuning_options.r_max: "
+                f"{sum(r_file)} and r_main: {r_file[0]}"
+            )
+
+    def prepare_official_load(self, model: nn.Module, state: Mapping[str, Tensor]) -> None:
+        """Official checkpoints hold the residual ``W_res`` as each adapted layer's weight
+        (saved unmerged): it is loaded as it is, and no QR runs again."""
+        from rein.methods.base import require_unmerged
+
+        require_unmerged(model, "loaded from an official checkpoint")

@@ -8,6 +8,7 @@ The method's math lives in :mod:`rein.reins`; this file only builds it from ``mo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -82,3 +83,7 @@ class ReinMethod(TuningMethod):
 
     def is_trainable(self, name: str) -> bool:
         return name.startswith("backbone.reins.")
+
+    @classmethod
+    def claims_official(cls, keys: Collection[str]) -> bool:
+        return any(k.startswith("backbone.reins.") for k in keys)

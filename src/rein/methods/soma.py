@@ -49,7 +49,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Container, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -419,3 +419,132 @@ class SoMAMethod(TuningMethod):
             if isinstance(module, _SoMAWrapper):
                 module.merge()
         return True
+
+    # -- checkpoints --------------------------------------------------------------------------
+    training_only_options = ("backbone_lr_mult", "svd_device")
+    official_saves_whole_model = True
+
+    @classmethod
+    def claims_official(cls, keys: Collection[str]) -> bool:
+        return any(k.startswith(_OFFICIAL) and k.endswith(".lora_A.weight") for k in keys)
+
+    def official_to_ours(
+        self, state: Mapping[str, Tensor], model_keys: Container[str]
+    ) -> dict[str, Tensor]:
+        """``backbone.model.*`` -> ``backbone.vit.*`` (``mask_token`` -> ``backbone.mask_token``),
+        the split ``attn.q/k/v`` weights and biases concatenated into the fused qkv, their
+        adapters under ``attn.qkv.{q,k,v}``, adapted layers' weights under ``base_layer``."""
+        from rein.interop import InteropError, with_base_layer
+
+        out: dict[str, Tensor] = {}
+        split: dict[tuple[str, str], dict[str, Tensor]] = {}
+        for key, value in state.items():
+            if not key.startswith(_OFFICIAL):
+                out[key] = value
+                continue
+            rest = key[len(_OFFICIAL) :]
+            if rest == "mask_token":
+                out["backbone.mask_token"] = value
+                continue
+            match = _OFFICIAL_QKV.match(rest)
+            if match is None:
+                out[with_base_layer("backbone.vit." + rest, model_keys)] = value
+                continue
+            prefix, part, suffix = match.groups()
+            if suffix.startswith("lora_"):
+                out[f"backbone.vit.{prefix}qkv.{part}.{suffix}"] = value
+            else:
+                split.setdefault((prefix, suffix), {})[part] = value
+        for (prefix, suffix), parts in split.items():
+            if len(parts) != 3:
+                missing = ", ".join(
+                    f"{_OFFICIAL}{prefix}{p}.{suffix}" for p in "qkv" if p not in parts
+                )
+                raise InteropError(f"the SoMA checkpoint lacks {missing} (q, k, v come together)")
+            fused = torch.cat([parts[p] for p in "qkv"], dim=0)
+            out[with_base_layer(f"backbone.vit.{prefix}qkv.{suffix}", model_keys)] = fused
+        return out
+
+    def ours_to_official(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Inverse of :meth:`official_to_ours` (the fused qkv split into its row blocks)."""
+        from rein.interop import without_base_layer
+
+        out: dict[str, Tensor] = {}
+        for key, value in state.items():
+            if key == "backbone.mask_token":
+                out[_OFFICIAL + "mask_token"] = value
+                continue
+            if not key.startswith("backbone.vit."):
+                out[key] = value
+                continue
+            rest = without_base_layer(key[len("backbone.vit.") :])
+            match = _OURS_QKV.match(rest)
+            if match is None:
+                out[_OFFICIAL + rest] = value
+                continue
+            prefix, suffix = match.groups()
+            if suffix[:2] in ("q.", "k.", "v."):  # an adapter: attn.qkv.q.lora_A.weight
+                out[f"{_OFFICIAL}{prefix}{suffix}"] = value
+                continue
+            for part, rows in zip("qkv", value.chunk(3, dim=0), strict=True):
+                out[f"{_OFFICIAL}{prefix}{part}.{suffix}"] = rows
+        return out
+
+    def check_official(
+        self, state: Mapping[str, Tensor], model_state: Mapping[str, Tensor], src: str
+    ) -> None:
+        from rein.interop import InteropError
+
+        ranks = sorted({int(v.shape[0]) for k, v in state.items() if k.endswith(".lora_A.weight")})
+        if ranks and ranks != [self.options.rank]:
+            raise InteropError(
+                f"{src} holds SoMA adapters of rank {'/'.join(map(str, ranks))} but the config "
+                f"has model.tuning_options.rank {self.options.rank}; set it to {ranks[0]}"
+            )
+        blocks_file = _lora_blocks(state)
+        blocks_model = _lora_blocks(model_state)
+        if blocks_file and blocks_model and blocks_file != blocks_model:
+            raise InteropError(
+                f"{src} adapts blocks {_span(blocks_file)} but the config adapts "
+                f"{_span(blocks_model)}; set model.tuning_options.start_block: {min(blocks_file)}"
+            )
+
+    def prepare_official_load(self, model: nn.Module, state: Mapping[str, Tensor]) -> None:
+        """A release file (adapters, biases and head, no weights of the adapted layers) runs on
+        base = the full pretrained W (spec section 10): with ``init: pretrained`` the base holds
+        ``W - s * B0 @ A0``, so the initial adapters are folded back first."""
+        from rein.methods.base import require_unmerged
+
+        require_unmerged(model, "loaded from an official checkpoint")
+        release = not any(k.endswith(".base_layer.weight") for k in state)
+        if not release or self.options.init != "pretrained":
+            return
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, _SoMAWrapper) and not module.base_layer.weight.is_meta:
+                    weight = module.base_layer.weight
+                    for rows, lora_a, lora_b in module.adapters():
+                        delta = (lora_b.weight @ lora_a.weight) * module.scaling
+                        weight[rows] = (weight[rows].float() + delta.to(weight.device)).to(
+                            weight.dtype
+                        )
+
+
+_OFFICIAL = "backbone.model."
+_OFFICIAL_QKV = re.compile(r"^(blocks\.\d+\.attn\.)([qkv])\.(.+)$")
+_OURS_QKV = re.compile(r"^(blocks\.\d+\.attn\.)qkv\.(.+)$")
+
+
+def _lora_blocks(state: Mapping[str, Tensor]) -> set[int]:
+    return {
+        int(m.group(1))
+        for k in state
+        if ".lora_" in k and (m := _BLOCK_INDEX.search(k)) is not None
+    }
+
+
+def _span(blocks: set[int]) -> str:
+    ordered = sorted(blocks)
+    if ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{ordered[0]}-{ordered[-1]}"
+    return ", ".join(map(str, ordered))
