@@ -1,8 +1,18 @@
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
 from rein.backbones.vit import ReinViT, create_timm_vit
 from rein.reins import LoRAReins
+
+# The adapter-init cache (rein.methods.init_cache) lives in a fresh folder per test session,
+# never in the user's ~/.cache; subprocesses inherit it.
+os.environ["REIN_CACHE"] = tempfile.mkdtemp(prefix="rein-test-cache-")
+atexit.register(shutil.rmtree, os.environ["REIN_CACHE"], ignore_errors=True)
 
 
 def tiny_vit(

@@ -39,6 +39,7 @@ __all__ = [
     "adapted_blocks",
     "parse_options",
     "positive_int",
+    "boolean",
     "finite_number",
     "linear_targets",
     "reference_param",
@@ -76,6 +77,13 @@ def positive_int(method: str, key: str, value: Any) -> int:
         raise ValueError(
             f"tuning '{method}': option '{key}' must be a positive integer, got {value!r}"
         )
+    return value
+
+
+def boolean(method: str, key: str, value: Any) -> bool:
+    """``value`` when it is a bool, else a one-line ValueError naming the option."""
+    if not isinstance(value, bool):
+        raise ValueError(f"tuning '{method}': option '{key}' must be true or false, got {value!r}")
     return value
 
 

@@ -64,6 +64,7 @@ from rein.methods.base import (
     BaseLayerWrapper,
     TuningMethod,
     adapted_blocks,
+    boolean,
     finite_number,
     linear_targets,
     positive_int,
@@ -91,6 +92,7 @@ class RecycleLoRAOptions:
     targets: list[str] = dataclasses.field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
     sub_lr_mult: float = 0.5  # the sub adapters train at lr * sub_lr_mult
     backbone_lr_mult: float = 0.5  # other trainable backbone tensors (mask_token)
+    init_cache: bool = True  # reuse the QRs of an earlier build (rein.methods.init_cache)
 
     def validate(self, method: str) -> None:
         self.r_max = positive_int(method, "r_max", self.r_max)
@@ -104,6 +106,7 @@ class RecycleLoRAOptions:
         self.backbone_lr_mult = finite_number(
             method, "backbone_lr_mult", self.backbone_lr_mult, positive=True
         )
+        self.init_cache = boolean(method, "init_cache", self.init_cache)
 
     @property
     def rank_main(self) -> int:
@@ -141,13 +144,14 @@ def _selection(pivots: np.ndarray, in_features: int) -> Tensor:
     return a
 
 
-def rrqr_factors(weight: Tensor, r_main: int, r_sub: int, scaling: float) -> RRQRFactors:
+def rrqr_factors(
+    weight: Tensor, r_main: int, r_sub: int, scaling: float, cache: bool = False
+) -> RRQRFactors:
     """The RecycleLoRA init of ``weight`` (out x in): one ``scipy.linalg.qr`` with pivoting
     (float32, economic), main adapter on the last ``r_main`` of the first ``k`` pivots (minor
     directions), sub adapter on the first ``r_sub`` (major), ``W_res = W0 - s (B_m A_m + B_s A_s)``.
+    ``cache``: read / store the QR's selected columns and pivots in :mod:`rein.methods.init_cache`.
     """
-    import scipy.linalg
-
     if weight.is_meta:
         raise ValueError("the RecycleLoRA QR cannot run on meta tensors")
     out_features, in_features = weight.shape
@@ -155,20 +159,35 @@ def rrqr_factors(weight: Tensor, r_main: int, r_sub: int, scaling: float) -> RRQ
     if r_main + r_sub > k:
         raise ValueError(f"rank {r_main + r_sub} exceeds min(out, in) = {k}")
     w0 = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    q, _, pivots = scipy.linalg.qr(w0.numpy(), pivoting=True, mode="economic")
-    q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+
+    def compute() -> dict[str, Tensor]:
+        import scipy.linalg
+
+        q, _, piv = scipy.linalg.qr(w0.numpy(), pivoting=True, mode="economic")
+        q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+        return {
+            "q_main": q[:, k - r_main : k].contiguous(),
+            "q_sub": q[:, :r_sub].contiguous(),
+            "pivots": torch.from_numpy(np.asarray(piv, dtype=np.int64)),
+        }
+
+    from rein.methods.init_cache import cached_factors
+
+    params = {"r_main": r_main, "r_sub": r_sub}
+    found = cached_factors("recyclelora-rrqr", w0, params, compute, enabled=cache)
+    pivots = found["pivots"].numpy()
     delta = torch.zeros_like(w0)
     a_main = b_main = a_sub = b_sub = None
     if r_main:
-        b_main = q[:, k - r_main : k].contiguous()
+        b_main = found["q_main"]
         a_main = _selection(pivots[k - r_main : k], in_features)
         delta = b_main @ a_main
     if r_sub:
-        b_sub = q[:, :r_sub].contiguous()
+        b_sub = found["q_sub"]
         a_sub = _selection(pivots[:r_sub], in_features)
         delta = delta + b_sub @ a_sub
     residual = w0 - scaling * delta
-    return RRQRFactors(a_main, b_main, a_sub, b_sub, residual, np.asarray(pivots))
+    return RRQRFactors(a_main, b_main, a_sub, b_sub, residual, pivots)
 
 
 # -- the adapted layer --------------------------------------------------------------------------
@@ -290,7 +309,7 @@ class RecycleLoRAMethod(TuningMethod):
                 "lora_B_sub": torch.empty(out_features, r_s, device="meta") if r_s else None,
             }
         else:
-            f = rrqr_factors(weight, r_m, r_s, self.scaling)
+            f = rrqr_factors(weight, r_m, r_s, self.scaling, cache=opts.init_cache)
             device = weight.device
             adapters = {
                 key: None if t is None else t.to(device)
@@ -353,7 +372,7 @@ class RecycleLoRAMethod(TuningMethod):
         return True
 
     # -- checkpoints --------------------------------------------------------------------------
-    training_only_options = ("sub_lr_mult", "backbone_lr_mult")
+    training_only_options = ("sub_lr_mult", "backbone_lr_mult", "init_cache")
     official_saves_whole_model = True
 
     @classmethod

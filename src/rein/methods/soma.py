@@ -60,6 +60,7 @@ from rein.methods.base import (
     BaseLayerWrapper,
     TuningMethod,
     adapted_blocks,
+    boolean,
     finite_number,
     linear_targets,
     positive_int,
@@ -92,6 +93,7 @@ class SoMAOptions:
     seed: int = 0  # the random weights of init "official_random"
     backbone_lr_mult: float = 0.5  # lr multiplier of every trainable backbone tensor
     svd_device: str | None = None  # where the SVDs run (None: the weight's device), e.g. "cuda"
+    init_cache: bool = True  # reuse the SVDs of an earlier build (rein.methods.init_cache)
 
     def validate(self, method: str) -> None:
         self.rank = positive_int(method, "rank", self.rank)
@@ -119,6 +121,7 @@ class SoMAOptions:
         self.backbone_lr_mult = finite_number(
             method, "backbone_lr_mult", self.backbone_lr_mult, positive=True
         )
+        self.init_cache = boolean(method, "init_cache", self.init_cache)
         if self.svd_device is not None:
             try:
                 torch.device(self.svd_device)
@@ -181,6 +184,21 @@ class SoMAAdapter(nn.Module):
         self.lora_A, self.lora_B = _pair(a, b)
 
 
+def _cached_minor_factors(
+    weight: Tensor, rank: int, scaling: float, device: str | None, cache: bool
+) -> tuple[Tensor, Tensor]:
+    """:func:`minor_factors`, through the disk cache of :mod:`rein.methods.init_cache`."""
+    from rein.methods.init_cache import cached_factors
+
+    def compute() -> dict[str, Tensor]:
+        a, b = minor_factors(weight, rank, scaling, device)
+        return {"A": a.cpu(), "B": b.cpu()}
+
+    params = {"rank": rank, "scaling": scaling}
+    out = cached_factors("soma-minor-svd", weight, params, compute, enabled=cache)
+    return out["A"].to(weight.device), out["B"].to(weight.device)
+
+
 def _factors(
     weight: Tensor,
     rank: int,
@@ -188,6 +206,7 @@ def _factors(
     init: str,
     generator: torch.Generator,
     device: str | None,
+    cache: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(A, B, W_res)`` for one weight block; ``W_res`` None: keep the weight as is."""
     out_features, in_features = weight.shape
@@ -197,9 +216,9 @@ def _factors(
         return a, b, None
     if init == "official_random":
         random = default_linear_weight(out_features, in_features, generator)
-        a, b = minor_factors(random.to(weight.device), rank, scaling, device)
+        a, b = _cached_minor_factors(random.to(weight.device), rank, scaling, device, cache)
         return a, b, None
-    a, b = minor_factors(weight, rank, scaling, device)
+    a, b = _cached_minor_factors(weight, rank, scaling, device, cache)
     residual = weight.detach().float() - (b @ a) * scaling
     return a, b, residual.to(weight.dtype)
 
@@ -351,7 +370,13 @@ class SoMAMethod(TuningMethod):
         residuals = []
         for sl in blocks_rows:
             a, b, residual = _factors(
-                weight[sl], opts.rank, self.scaling, opts.init, generator, opts.svd_device
+                weight[sl],
+                opts.rank,
+                self.scaling,
+                opts.init,
+                generator,
+                opts.svd_device,
+                opts.init_cache,
             )
             factors.append((a, b))
             residuals.append(residual)
@@ -421,7 +446,7 @@ class SoMAMethod(TuningMethod):
         return True
 
     # -- checkpoints --------------------------------------------------------------------------
-    training_only_options = ("backbone_lr_mult", "svd_device")
+    training_only_options = ("backbone_lr_mult", "svd_device", "init_cache")
     official_saves_whole_model = True
 
     @classmethod
