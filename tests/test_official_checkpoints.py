@@ -251,7 +251,9 @@ def test_a_file_without_the_methods_weights_is_refused(tmp_path):
 def test_our_checkpoint_of_another_method_or_rank_is_refused(tmp_path):
     model = build("soma")
     cfg = {"model": {"tuning": "soma", "tuning_options": dict(SOMA)}}
-    save_checkpoint(tmp_path, "latest", trainable_state_dict(model), {"config": cfg, "iteration": 0})
+    save_checkpoint(
+        tmp_path, "latest", trainable_state_dict(model), {"config": cfg, "iteration": 0}
+    )
     _, meta, _ = load_checkpoint(tmp_path)
     check_checkpoint_method(meta, model_cfg_of("soma", **SOMA), "ckpt")  # the same: passes
     lr_only = model_cfg_of("soma", **SOMA, backbone_lr_mult=1.0)
