@@ -159,3 +159,34 @@ def test_resume_with_drop_path_is_bit_identical(tmp_path):
         "created after restore_rng_state, draws its base seed from the global torch RNG "
         f"(e.g. {differ[:3]})"
     )
+
+
+@pytest.mark.parametrize("tuning", ["soma", "recyclelora"])
+def test_weight_space_adapter_run_with_ema_resumes_bit_identical(tmp_path, tuning):
+    """SoMA / RecycleLoRA with their recipe (EMA from iteration 1, cosine weight decay, the
+    mmengine poly horizon), killed after iteration 2 of 4: the EMA weights (the checkpoint's)
+    and the live weights (the train state's) end exactly as in an uninterrupted run."""
+
+    def cfg(out):
+        c = tiny_train_config(out, max_iters=4, checkpoint_interval=1)
+        c.model.tuning = tuning
+        c.model.tuning_options = (
+            {"start_block": 2, "rank": 4} if tuning == "soma" else {"r_max": 9, "r_main": 6}
+        )
+        c.model.head.num_queries = 8
+        c.optim.poly_horizon, c.optim.wd_schedule = "max_iters-1", "cosine"
+        c.train.ema_momentum, c.train.ema_begin_iter = 0.3, 1
+        return c
+
+    trainer.train(cfg(tmp_path / "a"), progress=False)
+    trainer.train(cfg(tmp_path / "b"), progress=False, stop_after=2)
+    trainer.train(cfg(tmp_path / "b"), progress=False)
+    wa, _, sa = load_checkpoint(tmp_path / "a" / "tiny", "latest")
+    wb, _, sb = load_checkpoint(tmp_path / "b" / "tiny", "latest")
+    assert wa.keys() == wb.keys() and any(".lora_" in k for k in wa)
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+    live_a, live_b = sa["live_weights"], sb["live_weights"]
+    assert live_a.keys() == live_b.keys()
+    assert [k for k in live_a if not torch.equal(live_a[k], live_b[k])] == []
+    # the average really differs from the live weights (the EMA is on)
+    assert any(not torch.equal(wa[k], live_a[k]) for k in live_a)
