@@ -35,6 +35,7 @@ __all__ = [
     "HeadConfig",
     "LossConfig",
     "ModelConfig",
+    "SubsetConfig",
     "DatasetConfig",
     "DataConfig",
     "OptimConfig",
@@ -66,6 +67,13 @@ def _tuning_methods() -> tuple[str, ...]:
     from rein.methods import method_names
 
     return method_names()
+
+
+def _pad_positions() -> tuple[str, ...]:
+    """Where the training pipeline may pad (:data:`rein.data.transforms.PAD_POSITIONS`)."""
+    from rein.data.transforms import PAD_POSITIONS
+
+    return PAD_POSITIONS
 
 
 # --------------------------------------------------------------------------------------
@@ -142,6 +150,20 @@ class ModelConfig:
 
 
 @dataclass
+class SubsetConfig:
+    """A random subset of a training dataset (RecycleLoRA's ``RandomSubsetDataset``).
+
+    Keeps ``sorted(numpy.random.default_rng(seed).choice(N, min(num_samples, N),
+    replace=False))`` of the dataset's N samples (in its file order). ``seed: null`` draws a
+    seed from OS entropy at the start of a run; the trainer logs it, broadcasts rank 0's
+    draw to every rank and records it in the checkpoint, so a resumed run keeps the subset.
+    """
+
+    num_samples: int
+    seed: int | None = None
+
+
+@dataclass
 class DatasetConfig:
     """One dataset: registry name, root folder, split and dataset-specific options."""
 
@@ -149,6 +171,12 @@ class DatasetConfig:
     root: str | None = None
     split: str = "train"
     options: dict[str, Any] = field(default_factory=dict)
+    # Validation datasets only: the keep-ratio evaluation resize (w, h), e.g. [2048, 1024]
+    # (SoMA / RecycleLoRA: Cityscapes and Mapillary at full resolution). null: the dataset's
+    # default for eval.crop_size (rein.data.transforms.eval_scale).
+    eval_scale: tuple[int, int] | None = None
+    # Training datasets only: train on a random subset (null: the whole dataset).
+    subset: SubsetConfig | None = None
 
 
 @dataclass
@@ -164,6 +192,11 @@ class DataConfig:
     # False: no random resize / flip / photometric distortion (only crop + pad), e.g. for
     # pre-cropped data or debugging.
     augment: bool = True
+    # Where the training pipeline pads a crop smaller than crop_size (bottom/right, label 255):
+    # "after_normalize" (Rein, the official preprocessor: padded pixels are 0 after
+    # normalisation) or "before_flip" (RecycleLoRA g2cbm / c2bm: raw pixel value 0 right
+    # after the random crop, then flip, photometric distortion and normalisation).
+    pad_position: str = field(default="after_normalize", metadata={"choices": _pad_positions})
 
 
 @dataclass
@@ -440,7 +473,45 @@ def config_from_dict(d: Mapping[str, Any], source: str | None = None) -> Config:
         )
     cfg = _build_dataclass(Config, d, "", source)
     _check_tuning_options(cfg.model, "model", source)
+    _check_datasets(cfg.data, "data", source)
     return cfg
+
+
+def _check_datasets(data: DataConfig, prefix: str, source: str | None) -> None:
+    """Value checks of the per-dataset options (``eval_scale``, ``subset``)."""
+    where = _where(source)
+    for kind in ("train", "val"):
+        for i, d in enumerate(getattr(data, kind)):
+            key = f"{prefix}.{kind}[{i}]"
+            if d.eval_scale is not None:
+                if kind == "train":
+                    raise ConfigError(
+                        f"'{key}.eval_scale' in {where} is only used for validation datasets; "
+                        f"remove it or move the dataset to {prefix}.val"
+                    )
+                if min(d.eval_scale) <= 0:
+                    raise ConfigError(
+                        f"invalid value for '{key}.eval_scale' in {where}: "
+                        f"{_show(list(d.eval_scale))}; expected [w, h] with two positive "
+                        "integers, e.g. [2048, 1024], or null for the dataset's default"
+                    )
+            if d.subset is not None:
+                if kind == "val":
+                    raise ConfigError(
+                        f"'{key}.subset' in {where} is only used for training datasets; "
+                        f"remove it or move the dataset to {prefix}.train"
+                    )
+                if d.subset.num_samples < 1:
+                    raise ConfigError(
+                        f"invalid value for '{key}.subset.num_samples' in {where}: "
+                        f"{d.subset.num_samples}; expected a positive integer (the number of "
+                        "samples to keep)"
+                    )
+                if d.subset.seed is not None and d.subset.seed < 0:
+                    raise ConfigError(
+                        f"invalid value for '{key}.subset.seed' in {where}: {d.subset.seed}; "
+                        "expected a non-negative integer, or null to draw one from OS entropy"
+                    )
 
 
 def _check_tuning_options(model: ModelConfig, prefix: str, source: str | None) -> None:

@@ -2,8 +2,9 @@
 
 Modules: ``labels`` (classes, palette, id -> trainId tables), ``io`` (reading files),
 ``datasets`` (GTAV, SYNTHIA, UrbanSyn, Cityscapes, BDD100K, Mapillary, ACDC, folder),
-``transforms`` (augmentation / preprocessing), ``synthetic`` (built-in benchmark),
-``registry`` (``build_dataset`` by name), ``errors`` (``DataError``).
+``transforms`` (augmentation / preprocessing), ``subset`` (``RandomSubsetDataset``),
+``synthetic`` (built-in benchmark), ``registry`` (``build_dataset`` by name), ``errors``
+(``DataError``).
 """
 
 from .datasets import (
@@ -37,6 +38,7 @@ from .labels import (
     overlay,
 )
 from .registry import DATASET_NAMES, build_dataset
+from .subset import RandomSubsetDataset, draw_subset_seed, subset_indices
 from .synthetic import (
     SOURCE_STYLE,
     STYLES,
@@ -48,6 +50,7 @@ from .synthetic import (
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PAD_POSITIONS,
     Compose,
     Pad,
     PhotoMetricDistortion,
@@ -82,12 +85,14 @@ __all__ = [
     "MAPILLARY_TO_TRAINID",
     "MapillaryDataset",
     "NUM_CLASSES",
+    "PAD_POSITIONS",
     "PALETTE",
     "Pad",
     "PhotoMetricDistortion",
     "RandomCrop",
     "RandomFlip",
     "RandomResizeShortEdge",
+    "RandomSubsetDataset",
     "Resize",
     "SOURCE_STYLE",
     "STYLES",
@@ -105,6 +110,7 @@ __all__ = [
     "build_train_pipeline",
     "collate_samples",
     "colorize",
+    "draw_subset_seed",
     "eval_scale",
     "load_mapping",
     "overlay",
@@ -112,4 +118,5 @@ __all__ = [
     "read_label",
     "render_scene",
     "short_edge_scales",
+    "subset_indices",
 ]

@@ -3,8 +3,9 @@
 A sample is ``{"image": uint8 (H, W, 3) RGB, "label": (H, W) ints or absent, "meta": dict}``.
 Transforms return a new dict (inputs are not modified). ``ToTensorNormalize`` turns the
 image into a normalised float32 (3, H, W) tensor and the label into int64 (H, W); ``Pad``
-runs after it, so padded image pixels are exactly 0 after normalisation (as the official
-data preprocessor does) and padded label pixels are 255.
+runs after it by default, so padded image pixels are exactly 0 after normalisation (as the
+official data preprocessor does) and padded label pixels are 255 (RecycleLoRA pads raw
+pixels with 0 before the flip instead: ``build_train_pipeline(pad_position="before_flip")``).
 
 Randomness: a transform's ``__call__(sample, rng=None)`` draws from ``rng`` when given, else
 from its own generator (``seed`` argument). ``Compose`` owns one ``numpy.random.Generator``
@@ -33,6 +34,7 @@ __all__ = [
     "EVAL_SCALES_1024",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "PAD_POSITIONS",
     "Compose",
     "Pad",
     "PhotoMetricDistortion",
@@ -49,6 +51,9 @@ __all__ = [
 ]
 
 Sample = dict[str, Any]
+
+# Where build_train_pipeline pads (see its docstring); also the choices of data.pad_position.
+PAD_POSITIONS = ("after_normalize", "before_flip")
 
 # ImageNet statistics on the 0-255 scale, RGB order (spec section 4).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -544,6 +549,7 @@ def build_train_pipeline(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     seed: int | None = None,
+    pad_position: str = "after_normalize",
 ) -> Compose:
     """The official training pipeline (spec section 4).
 
@@ -551,17 +557,28 @@ def build_train_pipeline(
     256, 307, ..., 1024) with long edge <= ``max_long``, random ``crop`` with
     ``cat_max_ratio``, horizontal flip, photometric distortion, normalisation, then padding
     to the crop size (image 0 after normalisation, label 255).
+
+    ``pad_position="before_flip"`` (RecycleLoRA's g2cbm / c2bm pipeline) pads right after the
+    crop instead, with the raw pixel value 0 (label 255), so the padding is flipped, goes
+    through the photometric distortion and is normalised to ``-mean / std``; nothing is padded
+    after normalisation then. ``pad=False`` pads nowhere.
     """
+    if pad_position not in PAD_POSITIONS:
+        raise ValueError(
+            f"pad_position must be one of {', '.join(PAD_POSITIONS)}, got {pad_position!r}"
+        )
     crop_hw = (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
     steps: list[Transform] = [
         RandomResizeShortEdge(scales if scales is not None else short_edge_scales(512), max_long),
         RandomCrop(crop_hw, cat_max_ratio=cat_max_ratio),
-        RandomFlip(flip_p),
     ]
+    if pad and pad_position == "before_flip":
+        steps.append(Pad(crop_hw, img_pad=0, label_pad=IGNORE_INDEX))
+    steps.append(RandomFlip(flip_p))
     if photometric:
         steps.append(PhotoMetricDistortion())
     steps.append(ToTensorNormalize(mean, std))
-    if pad:
+    if pad and pad_position == "after_normalize":
         steps.append(Pad(crop_hw, img_pad=0.0, label_pad=IGNORE_INDEX))
     return Compose(steps, seed=seed)
 

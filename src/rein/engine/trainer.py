@@ -15,7 +15,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -94,19 +95,88 @@ def _collate(batch: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([s["image"] for s in batch]), torch.stack([s["label"] for s in batch])
 
 
-def build_train_set(cfg: Config) -> list[Dataset]:
-    from rein.data import build_dataset
+def build_train_set(cfg: Config, subset_seeds: Sequence[int | None] | None = None) -> list[Dataset]:
+    """The ``data.train`` datasets, each wrapped in a ``RandomSubsetDataset`` when it has a
+    ``subset``. Its seed is ``subset_seeds[i]`` when given (not None), else the config's, else
+    one drawn from OS entropy (the wrapper's ``seed`` attribute tells which).
+    """
+    from rein.data import RandomSubsetDataset, build_dataset
 
     if not cfg.data.train:
         raise ValueError("data.train is empty: list at least one training dataset in the config")
-    return [
-        build_dataset(d.name, root=d.root, split=d.split, skip_bad=cfg.data.skip_bad, **d.options)
-        for d in cfg.data.train
-    ]
+    out: list[Dataset] = []
+    for i, d in enumerate(cfg.data.train):
+        ds = build_dataset(
+            d.name, root=d.root, split=d.split, skip_bad=cfg.data.skip_bad, **d.options
+        )
+        if d.subset is not None:
+            seed = subset_seeds[i] if subset_seeds is not None else None
+            seed = d.subset.seed if seed is None else seed
+            ds = RandomSubsetDataset(ds, d.subset.num_samples, seed)
+        out.append(ds)
+    return out
+
+
+def _subset_seeds(
+    cfg: Config, resumed_from: Path | None, recorded: list[dict[str, Any]] | None, world: int
+) -> tuple[list[int | None], list[str]]:
+    """The subset seed of every ``data.train`` entry (None: no subset) and how it was chosen.
+
+    The config's seed, else the one recorded in the checkpoint being resumed, else a fresh
+    draw from OS entropy. Rank 0's seeds go to every rank: all ranks train on one subset (the
+    official code draws one per process; we deliberately do not).
+    """
+    from rein.data import draw_subset_seed
+
+    by_index = {int(r["index"]): r for r in recorded or []}
+    seeds: list[int | None] = []
+    how: list[str] = []
+    for i, d in enumerate(cfg.data.train):
+        key = f"data.train[{i}].subset"
+        if d.subset is None:
+            seeds.append(None)
+            how.append("")
+            continue
+        rec = by_index.get(i)
+        if resumed_from is not None and rec is None and d.subset.seed is None:
+            raise ValueError(
+                f"{resumed_from} records no subset seed for data.train[{i}] ({d.name}): that "
+                f"run trained without {key}; set {key}.seed to resume with a subset anyway, "
+                "or start a new run (another name or output_dir)"
+            )
+        if rec is not None:
+            if rec.get("name") != d.name or int(rec["num_samples"]) != d.subset.num_samples:
+                raise ValueError(
+                    f"{resumed_from} was trained on a subset of {rec['num_samples']} samples of "
+                    f"data.train[{i}] ({rec.get('name')}); resume with the same {key}"
+                )
+            if d.subset.seed is not None and d.subset.seed != int(rec["seed"]):
+                raise ValueError(
+                    f"{resumed_from} was trained on the subset with seed {rec['seed']} of "
+                    f"data.train[{i}]; resume with {key}.seed={rec['seed']} (or null)"
+                )
+        if d.subset.seed is not None:
+            seeds.append(d.subset.seed)
+            how.append("from the config")
+        elif rec is not None:
+            seeds.append(int(rec["seed"]))
+            how.append(f"recorded in {resumed_from}")
+        else:
+            seeds.append(draw_subset_seed())
+            how.append("drawn from OS entropy; saved with the checkpoints, a resume reuses it")
+    if world > 1 and any(s is not None for s in seeds):
+        shared: list[Any] = [seeds]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        seeds = shared[0]
+    return seeds, how
 
 
 def build_val_sets(cfg: Config) -> dict[str, Dataset]:
-    """Target-domain datasets with their evaluation pipelines, keyed by a unique name."""
+    """Target-domain datasets with their evaluation pipelines, keyed by a unique name.
+
+    Each is resized (keep-ratio) to its ``eval_scale`` when set, else to the dataset's default
+    for ``eval.crop_size`` (``rein.data.transforms.eval_scale``).
+    """
     from rein.data import build_dataset, build_eval_pipeline
 
     out: dict[str, Dataset] = {}
@@ -121,10 +191,47 @@ def build_val_sets(cfg: Config) -> dict[str, Dataset]:
             root=d.root,
             split=d.split,
             skip_bad=cfg.data.skip_bad,
-            transform=build_eval_pipeline(d.name, crop=cfg.eval.crop_size),
+            transform=build_eval_pipeline(d.name, crop=cfg.eval.crop_size, scale=d.eval_scale),
             **d.options,
         )
     return out
+
+
+def _subset_records(
+    cfg: Config,
+    datasets: list[Dataset],
+    how: list[str],
+    recorded: list[dict[str, Any]] | None,
+) -> list[dict[str, Any]]:
+    """Log each training subset in one line and return what the checkpoints record of it."""
+    from rein.data import RandomSubsetDataset
+
+    by_index = {int(r["index"]): r for r in recorded or []}
+    records = []
+    for i, ds in enumerate(datasets):
+        if not isinstance(ds, RandomSubsetDataset):
+            continue
+        name = cfg.data.train[i].name
+        records.append(
+            {
+                "index": i,
+                "name": name,
+                "num_samples": ds.num_samples,
+                "seed": ds.seed,
+                "total": ds.total,
+                "kept": len(ds),
+            }
+        )
+        rec = by_index.get(i)
+        if rec is not None and rec.get("total") not in (None, ds.total):
+            warnings.warn(
+                f"data.train[{i}] ({name}) now has {ds.total} samples, the resumed run had "
+                f"{rec['total']}: the recorded seed selects a different subset",
+                stacklevel=3,
+            )
+        if is_main():
+            print(f"data.train[{i}]: {ds.describe(how[i])}")
+    return records
 
 
 def run_dir(cfg: Config) -> Path:
@@ -230,6 +337,7 @@ def train(
 
     # 2. resume from `latest` when it exists
     start, best, live = 0, -math.inf, None
+    resumed_from, recorded_subsets = None, None
     if resume and list_checkpoints(out):
         state, meta, train_state = load_checkpoint(out, "latest")
         load_into(model, state)
@@ -240,6 +348,7 @@ def train(
         start = int(meta["iteration"])
         best = -math.inf if meta.get("best") is None else float(meta["best"])
         live = train_state.get("live_weights")
+        resumed_from, recorded_subsets = out / "latest", train_state.get("data_subsets")
     ema = WeightEMA(model, tcfg.ema_momentum, tcfg.ema_begin_iter) if tcfg.ema_momentum else None
     if start and live is not None:
         # the checkpoint's weights are the average; the live weights train on
@@ -259,16 +368,28 @@ def train(
         )
 
     # 3. data: an infinite stream whose position is a function of the iteration
-    datasets = train_sets if train_sets is not None else build_train_set(cfg)
+    subsets: list[dict[str, Any]] = []
+    if train_sets is not None:
+        datasets = train_sets
+    else:
+        seeds, how = _subset_seeds(cfg, resumed_from, recorded_subsets, world)
+        datasets = build_train_set(cfg, seeds)
+        subsets = _subset_records(cfg, datasets, how, recorded_subsets)
     crop = cfg.data.crop_size
+    pad_position = cfg.data.pad_position
     # The spec's short-edge scales (256..1024 for 512 crops) scale with the crop size.
     if cfg.data.augment:
         pipeline = build_train_pipeline(
-            crop=crop, scales=short_edge_scales(crop), max_long=4 * crop
+            crop=crop, scales=short_edge_scales(crop), max_long=4 * crop, pad_position=pad_position
         )
     else:
         pipeline = build_train_pipeline(
-            crop=crop, scales=[crop], cat_max_ratio=1.0, flip_p=0.0, photometric=False
+            crop=crop,
+            scales=[crop],
+            cat_max_ratio=1.0,
+            flip_p=0.0,
+            photometric=False,
+            pad_position=pad_position,
         )
     stream = SeededStream(datasets, pipeline, seed)
     per_rank_batch = cfg.data.batch_size
@@ -291,7 +412,9 @@ def train(
         val_sets = build_val_sets(cfg) if cfg.data.val else {}
 
     # 4. iterate
-    save = functools.partial(_save, cfg, model, optimizer, scheduler, scaler, out, ema)
+    save = functools.partial(
+        _save, cfg, model, optimizer, scheduler, scaler, out, ema, subsets=subsets
+    )
     logger = _Logger(out, is_main())
     params = [p for p in model.parameters() if p.requires_grad]
     end = tcfg.max_iters if stop_after is None else min(tcfg.max_iters, start + stop_after)
@@ -408,6 +531,7 @@ def _save(
     last_eval,
     evaluated,
     tag="latest",
+    subsets=None,
 ):
     if not is_main():
         return
@@ -419,11 +543,15 @@ def _save(
         "rng": capture_rng_state(),
         "iteration": done,
     }
+    if subsets:  # the RandomSubsetDataset seeds, so that a resumed run keeps its subsets
+        train_state["data_subsets"] = subsets
     if ema is not None:  # the checkpoint holds the average; the live weights go with the state
         train_state["live_weights"] = {k: v.detach().clone() for k, v in weights.items()}
         with ema.swapped():
             weights = {k: v.clone() for k, v in model.trainable_state_dict().items()}
     meta = {"config": config_to_dict(cfg), "iteration": done, "best": best}
+    if subsets:
+        meta["data_subsets"] = subsets
     if evaluated:
         meta["eval"] = {k: (v["mIoU"] if isinstance(v, dict) else v) for k, v in last_eval.items()}
     save_checkpoint(out, tag, weights, meta, train_state if tag == "latest" else None)
