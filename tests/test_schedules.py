@@ -30,6 +30,32 @@ def test_mmengine_poly_horizon_reaches_zero_at_the_last_iteration():
     assert default.lr_at(39_999)[0] == pytest.approx(1e-4 * (1 / 40_000) ** 0.9)
 
 
+@pytest.mark.parametrize(("warmup", "ratio"), [(1500, 1e-2), (10_000, 1e-6)])
+def test_linear_warmup_then_poly_from_its_end_matches_mmengine(warmup, ratio):
+    """SoMA c2bm / ACDC: LinearLR(start_factor=ratio, begin 0, end W) then PolyLR(begin W, end
+    40k): lr0 * (ratio + (1 - ratio) t / (W - 1)) for t < W, lr0 (1 - (t - W) / (40k - W - 1))^0.9
+    after (mmengine's horizon is end - begin - 1)."""
+    sched = PolyLR(
+        _optimizer(0.05),
+        40_000,
+        warmup_iters=warmup - 1,
+        warmup_ratio=ratio,
+        horizon="max_iters-1",
+        begin=warmup,
+    )
+    for t in (0, 1, warmup // 2, warmup - 1):
+        want = 1e-4 * (ratio + (1 - ratio) * t / (warmup - 1))
+        assert sched.lr_at(t)[0] == pytest.approx(want, rel=1e-12), t
+    for t in (warmup, warmup + 1, 20_000, 39_998):
+        want = 1e-4 * (1 - (t - warmup) / (40_000 - warmup - 1)) ** 0.9
+        assert sched.lr_at(t)[0] == pytest.approx(want, rel=1e-12), t
+    assert sched.lr_at(39_999) == [0.0]
+    if warmup == 10_000:  # the values the config header quotes
+        assert sched.lr_at(20_000)[0] == pytest.approx(6.94e-5, abs=5e-8)
+    with pytest.raises(ValueError, match=r"optim.poly_begin must be in \[0, max_iters\)"):
+        PolyLR(_optimizer(0.0), 10, begin=10)
+
+
 def test_bad_poly_horizon_is_refused():
     with pytest.raises(ValueError, match="poly horizon"):
         PolyLR(_optimizer(0.0), 10, horizon="T")

@@ -217,6 +217,9 @@ class OptimConfig:
     # (mmengine's PolyLR, used by the official SoMA / RecycleLoRA configs: the last iteration
     # already runs at min_lr).
     poly_horizon: str = field(default="max_iters", metadata=_choices("max_iters", "max_iters-1"))
+    # Iteration at which the poly decay starts (mmengine PolyLR(begin=...) after a LinearLR
+    # warm-up: SoMA's c2bm / ACDC configs); 0: from the start, the warm-up factor on top.
+    poly_begin: int = 0
     # Weight decay per iteration: "constant", or "cosine" from each group's own decay down to
     # wd_min over max_iters (SoMA / RecycleLoRA; groups whose decay is 0 *rise* to wd_min).
     wd_schedule: str = field(default="constant", metadata=_choices("constant", "cosine"))

@@ -122,8 +122,10 @@ class PolyLR(LRScheduler):
     base lr, with ``T = max_iters`` or, for ``horizon="max_iters-1"`` (mmengine's PolyLR),
     ``T = max_iters - 1`` (``it`` is clamped to ``T``). During the first
     ``warmup_iters`` iterations that value is scaled by a factor rising linearly from
-    ``warmup_ratio`` (at it=0) to 1 (at it=warmup_iters). Call :meth:`step` once per
-    iteration, after ``optimizer.step()``.
+    ``warmup_ratio`` (at it=0) to 1 (at it=warmup_iters). ``begin > 0`` starts the decay at
+    iteration ``begin`` instead (mmengine's ``PolyLR(begin=...)`` after a ``LinearLR`` warm-up):
+    the decay is 1 before it, and after it ``it - begin`` runs over ``T - begin``. Call
+    :meth:`step` once per iteration, after ``optimizer.step()``.
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class PolyLR(LRScheduler):
         warmup_ratio: float = 1e-6,
         last_epoch: int = -1,
         horizon: str = "max_iters",
+        begin: int = 0,
     ) -> None:
         if horizon not in ("max_iters", "max_iters-1"):
             raise ValueError(f"poly horizon must be 'max_iters' or 'max_iters-1', got {horizon!r}")
@@ -144,6 +147,11 @@ class PolyLR(LRScheduler):
             raise ValueError(f"max_iters must be >= 1, got {max_iters}")
         if warmup_iters < 0:
             raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")
+        if not 0 <= begin < max_iters:
+            raise ValueError(
+                f"optim.poly_begin must be in [0, max_iters) = [0, {max_iters}), got {begin}"
+            )
+        self.begin = int(begin)
         self.max_iters = int(max_iters)
         self.power = float(power)
         self.min_lr = float(min_lr)
@@ -154,9 +162,10 @@ class PolyLR(LRScheduler):
     def lr_at(self, iteration: int) -> list[float]:
         """Learning rates of every param group at ``iteration`` (closed form)."""
         span = self.max_iters - 1 if self.horizon == "max_iters-1" else self.max_iters
-        span = max(span, 1)
-        it = min(max(int(iteration), 0), span)
-        decay = (1.0 - it / span) ** self.power
+        span = max(span - self.begin, 1)
+        it = max(int(iteration), 0)
+        decay = (1.0 - min(max(it - self.begin, 0), span) / span) ** self.power
+        it = min(it, span + self.begin)
         factor = 1.0
         if self.warmup_iters > 0 and it < self.warmup_iters:
             factor = self.warmup_ratio + (1.0 - self.warmup_ratio) * it / self.warmup_iters

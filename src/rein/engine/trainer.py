@@ -327,6 +327,7 @@ def train(
         warmup_iters=cfg.optim.warmup_iters,
         warmup_ratio=cfg.optim.warmup_ratio,
         horizon=cfg.optim.poly_horizon,
+        begin=cfg.optim.poly_begin,
     )
     wd_schedule = (
         CosineWeightDecay(optimizer, tcfg.max_iters, cfg.optim.wd_min)
