@@ -64,8 +64,8 @@ def test_quick_demo_writes_results_and_reuses_the_cache(tmp_path, monkeypatch):
     second = run_demo(out_dir=tmp_path / "b", quick=True, compare=True, progress=False, log=_quiet)
     assert second["backbone"]["cached"] is True
     assert second["backbone"]["path"] == first["backbone"]["path"]
-    done = [m for m in ("full", "lora") if m in second["methods"]]
-    assert "full" in done
+    done = [m for m in ("full", "lora", "soma", "recyclelora") if m in second["methods"]]
+    assert {"full", "soma", "recyclelora"} <= set(done)
     assert "lora" in done or "lora" in second["skipped"]
     _check_outputs(tmp_path / "b", ["frozen", "rein", *done])
     # Same seed and settings: the frozen and Rein numbers are reproducible.

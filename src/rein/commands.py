@@ -361,7 +361,11 @@ def register(sub, add_set) -> None:
     p = sub.add_parser("demo", help="the built-in domain-generalization demo (CPU, no downloads)")
     p.add_argument("--out", default="demo_out", help="output directory (tables, overlays)")
     p.add_argument("--backbone", help="use real weights: a timm name (with hub access) or a file")
-    p.add_argument("--compare", action="store_true", help="also train full fine-tuning and LoRA")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also train full fine-tuning, LoRA, SoMA and RecycleLoRA",
+    )
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)

@@ -20,7 +20,9 @@ It needs no data, no weights and no network, and runs on 2 CPU cores in under 10
    step. Written to ``results.json``, ``results.md``, ``predictions.png`` (target images,
    ground truth and each method's prediction) and ``miou.png`` (per-domain bars).
 
-``--compare`` also trains full fine-tuning and LoRA (peft) with the same budget.
+``--compare`` also trains full fine-tuning, LoRA (peft), SoMA and RecycleLoRA with the same
+budget (SoMA adapts the last two thirds of the blocks, as its 8-of-24 on DINOv2-L; both keep
+their own lr multipliers and ranks 16 / 32 + 4).
 ``--backbone NAME_OR_FILE`` skips the synthetic pretraining and uses real weights instead: a
 local weights file for the demo's ViT architecture, or a timm model name (``weights: timm``;
 needs the Hugging Face hub or its local cache). The timm model then runs at the demo's patch
@@ -54,7 +56,10 @@ METHODS: dict[str, str] = {
     "rein": "Rein",
     "full": "Full fine-tuning",
     "lora": "LoRA",
+    "soma": "SoMA",
+    "recyclelora": "RecycleLoRA",
 }
+COMPARED = ("full", "lora", "soma", "recyclelora")  # the methods --compare adds
 
 
 @dataclass(frozen=True)
@@ -159,7 +164,11 @@ def demo_config(
         if settings.out_indices and not backbone_name
         else None,
     )
-    options = {"rank": settings.lora_rank} if method == "lora" else {}
+    options: dict[str, Any] = {}
+    if method == "lora":
+        options = {"rank": settings.lora_rank}
+    elif method == "soma" and not backbone_name:
+        options = {"start_block": p.depth // 3}  # blocks 8-23 of 24 in the official config
     crop = settings.crop_size
     return config_from_dict(
         {
@@ -571,7 +580,7 @@ def run_demo(
         out_dir: where results, pictures and the training runs (``runs/``) go.
         backbone: None for the label-free synthetic pretraining; else a weights file for the
             demo's ViT or a timm model name (its pretrained weights through timm).
-        compare: also train full fine-tuning and LoRA with the same budget.
+        compare: also train full fine-tuning, LoRA, SoMA and RecycleLoRA with the same budget.
         quick: the tiny smoke-test settings (:data:`QUICK`).
         settings: explicit settings (overrides ``quick``).
     """
@@ -579,7 +588,7 @@ def run_demo(
     settings = settings or (QUICK if quick else DEFAULT)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    methods = ["frozen", "rein"] + (["full", "lora"] if compare else [])
+    methods = ["frozen", "rein"] + (list(COMPARED) if compare else [])
     p = settings.pretrain
     if backbone is None:
         what = (
