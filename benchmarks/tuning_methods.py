@@ -1,13 +1,20 @@
 """Speed, memory and parameters of each tuning method, side by side in one run.
 
-For every method (rein, frozen, full, lora, vpt, adaptformer) on the same backbone, head and
-input size, one fresh process builds the model with random weights and measures:
+For every method (rein, frozen, full, lora, vpt, adaptformer, soma, recyclelora) on the same
+backbone, head and input size, one fresh process builds the model with random weights and
+measures:
 
 * training step time: forward + Mask2Former loss + backward + AdamW step (median of --steps);
 * peak training memory: the process's peak RSS during the training steps minus its RSS
   before them (activations, gradients and optimizer state; CPU) or CUDA peak allocated;
-* inference time: one whole-image forward to class scores (median of --infer-steps);
-* trainable parameters.
+* inference time: one whole-image forward to class scores (median of --infer-steps), and for
+  the weight-space adapters (lora, soma, recyclelora) again after ``merge_model`` folds them
+  into the frozen weights (the "merged" column);
+* trainable parameters, and the build time (SoMA's SVDs and RecycleLoRA's QRs run at build;
+  a second run reads them from the init cache, ``$REIN_CACHE/adapter_init``).
+
+SoMA and RecycleLoRA use their official options (SoMA: rank 16 on blocks >= 8; RecycleLoRA:
+r_max 36 on every block) and, like every method here, the same 100 learned / Rein queries.
 
 Ratios: training time and memory relative to full fine-tuning, inference relative to the
 frozen backbone. Each method runs in its own process, one after another, so their memory
@@ -32,7 +39,8 @@ BACKBONES = {
     "l": "vit_large_patch14_dinov2",
     "g": "vit_giant_patch14_dinov2",
 }
-METHODS = ("rein", "frozen", "full", "lora", "vpt", "adaptformer")
+METHODS = ("rein", "frozen", "full", "lora", "vpt", "adaptformer", "soma", "recyclelora")
+MERGEABLE = ("lora", "soma", "recyclelora")
 
 
 def _rss_mib() -> float:
@@ -70,7 +78,9 @@ def measure(
     cfg.model.backbone.img_size = size
     cfg.model.rein.token_length = token_length
     cfg.model.head.num_queries = token_length
+    t_build = time.perf_counter()
     model = build_segmentor(cfg.model, load_weights=False).to(device)
+    build_s = time.perf_counter() - t_build
     optimizer = build_optimizer(model, cfg.optim)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     x = torch.randn(batch, 3, size, size, device=device)
@@ -83,17 +93,21 @@ def measure(
         if cuda:
             torch.cuda.synchronize()
 
+    def time_inference() -> float:
+        model.eval()
+        times = []
+        with torch.inference_mode():
+            for i in range(infer_steps + 1):
+                sync()
+                t = time.perf_counter()
+                model.seg_scores(x)
+                sync()
+                if i:
+                    times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
     # Inference first (no optimizer state or gradients yet).
-    model.eval()
-    infer = []
-    with torch.inference_mode():
-        for i in range(infer_steps + 1):
-            sync()
-            t = time.perf_counter()
-            model.seg_scores(x)
-            sync()
-            if i:
-                infer.append(time.perf_counter() - t)
+    infer_s = time_inference()
 
     model.train()
     if cuda:
@@ -112,13 +126,21 @@ def measure(
         if i:
             train.append(time.perf_counter() - t)
     mem = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_mib() - base_rss
+    merged_s = None
+    if method in MERGEABLE:
+        from rein.methods import merge_model
+
+        merge_model(model)
+        merged_s = time_inference()
     queue.put(
         {
             "method": method,
             "trainable": trainable,
             "train_s": statistics.median(train),
             "train_mem_mib": mem,
-            "infer_s": statistics.median(infer),
+            "infer_s": infer_s,
+            "merged_s": merged_s,
+            "build_s": build_s,
         }
     )
 
@@ -213,17 +235,22 @@ def main() -> None:
     full, frozen = rows.get("full"), rows.get("frozen")
     mem_unit = "MiB (CUDA peak)" if args.device.startswith("cuda") else "MiB (RSS peak - base)"
     print(
-        f"| method | trainable params | train step s | vs full | train memory {mem_unit} | "
-        f"vs full | inference s | vs frozen |"
+        f"| method | trainable params | build s | train step s | vs full | train memory "
+        f"{mem_unit} | vs full | inference s | vs frozen | merged inference s | vs frozen |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for m, r in rows.items():
         t_ratio = f"{r['train_s'] / full['train_s']:.2f}x" if full else "-"
         m_ratio = f"{r['train_mem_mib'] / full['train_mem_mib']:.2f}x" if full else "-"
         i_ratio = f"{r['infer_s'] / frozen['infer_s']:.2f}x" if frozen else "-"
+        merged, mg_ratio = "-", "-"
+        if r["merged_s"] is not None:
+            merged = f"{r['merged_s']:.2f}"
+            mg_ratio = f"{r['merged_s'] / frozen['infer_s']:.2f}x" if frozen else "-"
         print(
-            f"| {m} | {r['trainable']:,} | {r['train_s']:.2f} | {t_ratio} | "
-            f"{r['train_mem_mib']:,.0f} | {m_ratio} | {r['infer_s']:.2f} | {i_ratio} |"
+            f"| {m} | {r['trainable']:,} | {r['build_s']:.1f} | {r['train_s']:.2f} | "
+            f"{t_ratio} | {r['train_mem_mib']:,.0f} | {m_ratio} | {r['infer_s']:.2f} | "
+            f"{i_ratio} | {merged} | {mg_ratio} |"
         )
 
     if args.profile:

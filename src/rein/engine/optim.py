@@ -20,6 +20,7 @@ __all__ = [
     "build_optimizer",
     "PolyLR",
     "CosineWeightDecay",
+    "build_schedules",
 ]
 
 # Parameter-name substrings that never get weight decay (besides norm layers).
@@ -210,3 +211,23 @@ class CosineWeightDecay:
     def set_iteration(self, iteration: int) -> None:
         for group, wd in zip(self.optimizer.param_groups, self.wd_at(iteration)):
             group["weight_decay"] = wd
+
+
+def build_schedules(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_iters: int
+) -> tuple[PolyLR, CosineWeightDecay | None]:
+    """The lr schedule and (``optim.wd_schedule: cosine``) the weight-decay schedule of a run."""
+    lr = PolyLR(
+        optimizer,
+        max_iters,
+        power=cfg.poly_power,
+        min_lr=cfg.min_lr,
+        warmup_iters=cfg.warmup_iters,
+        warmup_ratio=cfg.warmup_ratio,
+        horizon=cfg.poly_horizon,
+        begin=cfg.poly_begin,
+    )
+    wd = (
+        CosineWeightDecay(optimizer, max_iters, cfg.wd_min) if cfg.wd_schedule == "cosine" else None
+    )
+    return lr, wd

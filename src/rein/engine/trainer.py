@@ -39,7 +39,7 @@ from rein.engine.checkpoint import (
 from rein.engine.distributed import barrier, init_distributed, is_main
 from rein.engine.ema import WeightEMA
 from rein.engine.evaluate import evaluate_domains
-from rein.engine.optim import CosineWeightDecay, PolyLR, build_optimizer
+from rein.engine.optim import build_optimizer, build_schedules
 
 __all__ = ["train", "StreamSampler", "SeededStream", "build_train_set", "build_val_sets", "run_dir"]
 
@@ -319,21 +319,7 @@ def train(
         model = build_segmentor(cfg.model)
     model.to(device)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = PolyLR(
-        optimizer,
-        tcfg.max_iters,
-        power=cfg.optim.poly_power,
-        min_lr=cfg.optim.min_lr,
-        warmup_iters=cfg.optim.warmup_iters,
-        warmup_ratio=cfg.optim.warmup_ratio,
-        horizon=cfg.optim.poly_horizon,
-        begin=cfg.optim.poly_begin,
-    )
-    wd_schedule = (
-        CosineWeightDecay(optimizer, tcfg.max_iters, cfg.optim.wd_min)
-        if cfg.optim.wd_schedule == "cosine"
-        else None
-    )
+    scheduler, wd_schedule = build_schedules(optimizer, cfg.optim, tcfg.max_iters)
     scaler = torch.amp.GradScaler(device.type, enabled=tcfg.amp == "fp16")
 
     # 2. resume from `latest` when it exists
