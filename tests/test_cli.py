@@ -97,3 +97,69 @@ def test_missing_dataset_root_lists_the_layout(tmp_path, capsys):
 def test_unknown_config_or_backbone(argv, capsys):
     assert main(argv) == 2
     assert "error" in capsys.readouterr().err
+
+
+# -- bad command-line inputs: one line, no traceback -------------------------------------------
+def _one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith(f"rein {command}: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_device_cuda_without_a_gpu(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg, ckpt = _tiny_run(tmp_path)
+    img = tmp_path / "street.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(img)
+    extra = [str(img), "--out", str(tmp_path / "pred")] if command == "predict" else []
+    assert main([command, str(cfg), str(ckpt), *extra, "--device", "cuda"]) == 2
+    err = _one_line_error(capsys, command)
+    assert err.endswith("CUDA is not available on this machine; use --device cpu")
+    assert main([command, str(cfg), str(ckpt), *extra, "--device", "gpu"]) == 2
+    err = _one_line_error(capsys, command)
+    assert "unknown device 'gpu'" in err and "--device cpu" in err
+
+
+def test_out_pointing_at_an_existing_file(tmp_path, capsys):
+    cfg, ckpt = _tiny_run(tmp_path)
+    img = tmp_path / "street.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(img)
+    taken = tmp_path / "taken.txt"
+    taken.write_text("keep me")
+    for out in (taken, taken / "sub"):
+        assert main(["predict", str(cfg), str(ckpt), str(img), "--out", str(out)]) == 2
+        err = _one_line_error(capsys, "predict")
+        assert "taken.txt" in err and "existing file" in err
+    assert taken.read_text() == "keep me"
+    # eval --out names a JSON file: a directory or a file on the way is refused
+    assert main(["eval", str(cfg), str(ckpt), "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "is a directory" in _one_line_error(capsys, "eval")
+    argv = ["eval", str(cfg), str(ckpt), "--out", str(taken / "r.json"), "--no-progress"]
+    assert main(argv) == 2
+    assert "taken.txt is an existing file" in _one_line_error(capsys, "eval")
+
+
+class PickledMeta:
+    """Stands for the mmengine objects an official checkpoint's meta pickles."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def test_eval_accepts_trust_pickle_and_warns(tmp_path, capsys):
+    from conftest import tiny_segmentor
+
+    cfg, _ = _tiny_run(tmp_path)
+    official = tmp_path / "official.pth"
+    state = tiny_segmentor().trainable_state_dict()
+    torch.save({"meta": {"hook_msgs": PickledMeta("best_mIoU")}, "state_dict": state}, official)
+    assert main(["eval", str(cfg), str(official), "--no-progress"]) == 2
+    err = _one_line_error(capsys, "eval")
+    assert "--trust-pickle" in err and "official.pth" in err
+    assert main(["eval", str(cfg), str(official), "--no-progress", "--trust-pickle"]) == 0
+    out, err = capsys.readouterr()
+    assert "mIoU" in out
+    warning = [line for line in err.splitlines() if "--trust-pickle" in line]
+    assert len(warning) == 1 and warning[0].startswith("WARNING") and "arbitrary code" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 __all__ = ["register"]
@@ -26,16 +27,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(cfg, checkpoint: str):
+def _load_model(cfg, checkpoint: str, trust_pickle: bool = False):
     from rein.engine.checkpoint import load_checkpoint, load_into
     from rein.segmentor import build_segmentor
 
+    if trust_pickle:
+        _warn_trust_pickle()
     model = build_segmentor(cfg.model, with_criterion=False)
     path = Path(checkpoint)
     if path.suffix == ".pth":  # an official (mmseg) checkpoint
         from rein.interop import load_official
 
-        load_official(model, path)
+        load_official(model, path, trust_pickle=trust_pickle)
     else:
         from rein.engine.checkpoint import CheckpointError
         from rein.methods import check_checkpoint_method
@@ -47,6 +50,75 @@ def _load_model(cfg, checkpoint: str):
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
     return model.eval()
+
+
+def _warn_trust_pickle() -> None:
+    """The loud one-line warning of ``--trust-pickle`` (stderr)."""
+    import sys
+
+    print(
+        "WARNING: --trust-pickle: an official .pth checkpoint is fully unpickled, which can run "
+        "arbitrary code from the file; use it only for files from a source you trust",
+        file=sys.stderr,
+    )
+
+
+def _device(name: str):
+    """``torch.device(name)``, or a one-line ValueError for an unknown or absent device."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(
+            f"unknown device '{name}'; use cpu, cuda or cuda:N (e.g. --device cpu)"
+        ) from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA is not available on this machine; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"--device {name}: this machine has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("MPS is not available on this machine; use --device cpu")
+        return device
+    raise ValueError(f"unsupported device '{name}'; use cpu, cuda or cuda:N (e.g. --device cpu)")
+
+
+def _check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """A directory argument (``--out``, ``--work-dir``): refuse an existing file (or one on the
+    way to it) in one line. Nothing is created."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == path else f" (in {path})"
+                raise ValueError(
+                    f"{flag} {p} is an existing file{where}; name a directory for the outputs"
+                )
+            break
+    return path
+
+
+def _check_out_file(path: str | Path, flag: str = "--out") -> Path:
+    """A file argument (e.g. ``rein eval --out results.json``): refuse a directory, or a path
+    below an existing file, in one line."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; name a file")
+    for p in path.parents:
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{flag} {path}: {p} is an existing file, not a folder")
+            break
+    return path
 
 
 def _print_eval(results: dict) -> None:
@@ -65,8 +137,6 @@ def _print_eval(results: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from rein.cli import resolve_config
     from rein.data.labels import CLASS_NAMES
     from rein.engine.checkpoint import write_json_atomic
@@ -76,8 +146,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.config, args.set)
     if not cfg.data.val:
         raise ValueError("data.val is empty: list the target datasets to evaluate in the config")
-    device = torch.device(args.device)
-    model = _load_model(cfg, args.checkpoint).to(device)
+    device = _device(args.device)
+    if args.out:
+        _check_out_file(args.out)
+    model = _load_model(cfg, args.checkpoint, trust_pickle=args.trust_pickle).to(device)
     if args.corruptions or args.corruption or args.severities:
         return _eval_corruptions(args, cfg, model, device)
     results = evaluate_domains(
@@ -132,35 +204,83 @@ def _eval_corruptions(args: argparse.Namespace, cfg, model, device) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
+def _min_input_side(model, eval_cfg, device) -> int:
+    """The smallest image side the model runs on, at every test-time scale of ``eval_cfg``.
+
+    Found once by running the model on square inputs of side 1, p + 1, 2p + 1, ... (p: the
+    patch size; sides between two of these pad to the same patch grid). A ViT backbone needs
+    a 2 x 2 patch grid at least (its stride-32 map halves the grid), and a head whose
+    GroupNorm has one channel per group a 4 x 4 grid. Raises ValueError if none works.
+    """
     import torch
+
+    patch = int(getattr(model.backbone, "patch_size", 16))
+    error: Exception | None = None
+    for side in (1, *(k * patch + 1 for k in range(1, 6))):
+        try:
+            with torch.no_grad():
+                model.seg_scores(torch.zeros(1, 3, side, side, device=device))
+        except (RuntimeError, ValueError) as exc:
+            error = exc
+            continue
+        smallest = min(float(s) for s in eval_cfg.scales) if eval_cfg.scales else 1.0
+        return max(1, math.ceil(side / smallest))
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise ValueError(f"the model fails on every test input up to {side}x{side} px: {first}")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import sys
+
+    import numpy as np
     from PIL import Image
 
     from rein.cli import resolve_config
+    from rein.data.errors import DataError
+    from rein.data.inputs import eval_input, find_images, output_names
     from rein.data.io import read_image
     from rein.data.labels import colorize, overlay
-    from rein.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from rein.data.transforms import eval_scale
     from rein.engine.evaluate import predict_labels
 
     cfg = resolve_config(args.config, args.set)
-    device = torch.device(args.device)
-    model = _load_model(cfg, args.checkpoint).to(device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    for path in args.images:
-        image = read_image(path)
-        x = (torch.from_numpy(image).permute(2, 0, 1).float() - mean) / std
+    device = _device(args.device)
+    out = _check_out_dir(args.out)
+    files, problems = find_images(args.images, exclude=out)
+    for problem in problems:
+        if args.strict:
+            raise FileNotFoundError(problem)
+        print(f"warning: skipping: {problem}", file=sys.stderr)
+    if not files:
+        raise FileNotFoundError(f"no image files to predict among: {' '.join(args.images)}")
+    scale = tuple(args.scale) if args.scale else None
+    if args.dataset:
+        scale = eval_scale(args.dataset, cfg.eval.crop_size)
+    model = _load_model(cfg, args.checkpoint, trust_pickle=args.trust_pickle).to(device)
+    min_side = _min_input_side(model, cfg.eval, device)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create --out directory {out}: {exc.strerror or exc}") from None
+    done = skipped = 0
+    for path, name in zip(files, output_names(files)):
+        try:
+            image = read_image(path)
+        except DataError as exc:
+            if args.strict:
+                raise
+            print(f"warning: skipping: {exc}", file=sys.stderr)  # the message names the file
+            skipped += 1
+            continue
         h, w = image.shape[:2]
-        if args.scale:
-            from rein.data.transforms import rescale_size
-
-            nh, nw = rescale_size((h, w), tuple(args.scale))
-            x = torch.nn.functional.interpolate(
-                x[None], size=(nh, nw), mode="bilinear", align_corners=False
-            )[0]
+        x, upscaled = eval_input(image, scale, cfg.eval.crop_size, min_side)
+        if upscaled:
+            print(
+                f"note: {path} ({w}x{h}) is smaller than the model's smallest input "
+                f"({min_side} px a side); ran it upscaled to {x.shape[-1]}x{x.shape[-2]} "
+                f"(the outputs stay {w}x{h})",
+                file=sys.stderr,
+            )
         pred = (
             predict_labels(
                 model,
@@ -170,17 +290,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 crop_size=cfg.eval.crop_size,
                 stride=cfg.eval.stride,
                 flip=cfg.eval.flip,
-                scales=cfg.eval.scales,
+                scales=tuple(cfg.eval.scales),
             )[0]
             .cpu()
             .numpy()
             .astype(np.uint8)
         )
-        stem = Path(path).stem
-        Image.fromarray(pred).save(out / f"{stem}_labelTrainIds.png")
-        Image.fromarray(colorize(pred)).save(out / f"{stem}_color.png")
-        Image.fromarray(overlay(image, pred)).save(out / f"{stem}_overlay.png")
-        print(f"{path} -> {out / (stem + '_overlay.png')}")
+        target = out / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pred).save(f"{target}_labelTrainIds.png")
+        Image.fromarray(colorize(pred)).save(f"{target}_color.png")
+        Image.fromarray(overlay(image, pred)).save(f"{target}_overlay.png")
+        print(f"{path} -> {target}_overlay.png")
+        done += 1
+    if not done:
+        raise ValueError(f"none of the {skipped} image file(s) could be read (see the warnings)")
+    if skipped:
+        print(f"predicted {done} image(s) into {out}; skipped {skipped} unreadable file(s)")
     return 0
 
 
@@ -194,9 +320,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.config, args.set)
     if not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    _check_out_file(args.out)
     height = args.height or cfg.eval.crop_size
     width = args.width or cfg.eval.crop_size
-    model = _load_model(cfg, args.checkpoint)
+    model = _load_model(cfg, args.checkpoint, trust_pickle=args.trust_pickle)
     if type(model.method).merge is not TuningMethod.merge:  # weight-space adapters: merge first
         merge_model(model)
     try:
@@ -239,7 +366,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise ValueError(f"--out must name a .safetensors file, got {out}")
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; name a .safetensors file")
-    model = _load_model(cfg, args.checkpoint)
+    model = _load_model(cfg, args.checkpoint, trust_pickle=args.trust_pickle)
     merge_model(model)
     state = plain_backbone_state(model)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -280,8 +407,9 @@ def register(sub, add_set) -> None:
     p.add_argument("config")
     p.add_argument("checkpoint", help="our checkpoint (dir or .safetensors) or an official .pth")
     p.add_argument("--out", help="write the results as JSON")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    _add_device(p)
     p.add_argument("--no-progress", action="store_true")
+    _add_trust_pickle(p)
     g = p.add_argument_group("robustness (Cityscapes-C style)")
     g.add_argument(
         "--corruptions",
@@ -310,19 +438,43 @@ def register(sub, add_set) -> None:
     add_set(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="segment images: label PNGs, colour masks and overlays")
+    p = sub.add_parser(
+        "predict",
+        help="segment images: label PNGs, colour masks and overlays",
+        description=(
+            "Segment images with the evaluation preprocessing of `rein eval`. Directories are "
+            "searched recursively for " + ", ".join(_image_suffixes()) + " files (any case); "
+            "outputs mirror the inputs' paths relative to the folder they share "
+            "(a/x.png -> OUT/a/x_overlay.png). Unreadable files are skipped with a warning "
+            "(--strict: stop). 16-bit greyscale images are scaled to 8 bits by >> 8."
+        ),
+    )
     p.add_argument("config")
     p.add_argument("checkpoint")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files and / or directories (recursive)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument(
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
         "--scale",
         type=int,
         nargs=2,
         metavar=("W", "H"),
         help="keep-ratio resize before inference, e.g. 1024 512 for Cityscapes",
     )
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    g.add_argument(
+        "--dataset",
+        choices=_eval_scale_names(),
+        metavar="NAME",
+        help="resize as `rein eval` does for this dataset (e.g. cityscapes: 1024 512 at "
+        "eval.crop_size 512): " + ", ".join(_eval_scale_names()),
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable or missing input instead of skipping it",
+    )
+    _add_device(p)
+    _add_trust_pickle(p)
     add_set(p)
     p.set_defaults(func=cmd_predict)
 
@@ -345,6 +497,7 @@ def register(sub, add_set) -> None:
     p.add_argument(
         "--no-check", action="store_true", help="skip the check against PyTorch on a random input"
     )
+    _add_trust_pickle(p)
     add_set(p)
     p.set_defaults(func=cmd_export)
 
@@ -355,6 +508,7 @@ def register(sub, add_set) -> None:
     p.add_argument("config")
     p.add_argument("checkpoint", help="our checkpoint (dir or .safetensors) or an official .pth")
     p.add_argument("--out", required=True, help="output .safetensors (timm layout)")
+    _add_trust_pickle(p)
     add_set(p)
     p.set_defaults(func=cmd_merge)
 
@@ -369,6 +523,34 @@ def register(sub, add_set) -> None:
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="cuda" if _cuda() else "cpu",
+        help="cpu, cuda or cuda:N (default: cuda when available)",
+    )
+
+
+def _add_trust_pickle(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow full unpickling of a trusted official .pth checkpoint (never by default)",
+    )
+
+
+def _image_suffixes() -> list[str]:
+    from rein.data.inputs import IMAGE_SUFFIXES
+
+    return list(IMAGE_SUFFIXES)
+
+
+def _eval_scale_names() -> list[str]:
+    from rein.data.transforms import EVAL_SCALES
+
+    return [k for k, v in EVAL_SCALES.items() if v is not None]
 
 
 def _corruption_names() -> list[str]:

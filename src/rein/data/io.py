@@ -1,8 +1,12 @@
 """Reading images and label maps from disk, with errors that name the file and the problem.
 
 Images come back as ``uint8`` (H, W, 3) RGB in stored pixel order (EXIF orientation is not
-applied, so an image always lines up with its label). Label maps come back as (H, W)
-integer arrays: palette PNGs give their palette indices, 16-bit PNGs their full values.
+applied, so an image always lines up with its label). Greyscale images are repeated over the
+three channels; an alpha channel is dropped (not composited). 16-bit images keep their high
+byte (``value >> 8``, a fixed scale that does not depend on the image's own range): the same
+rule Pillow applies to 16-bit RGB PNGs, so every 16-bit image is read alike. Label maps come
+back as (H, W) integer arrays: palette PNGs give their palette indices, 16-bit PNGs their
+full values.
 """
 
 from __future__ import annotations
@@ -41,18 +45,44 @@ def _load(img: Image.Image, path: PathLike, what: str) -> None:
         raise DataError(f"cannot decode {what} file {path}: corrupt or truncated ({exc})") from exc
 
 
+def _grey16_to_rgb8(img: Image.Image, path: PathLike) -> np.ndarray:
+    """(H, W, 3) ``uint8`` from a 16-bit (``I;16*``) or 32-bit integer (``I``) greyscale image.
+
+    The high byte is kept (``value >> 8``): 0..65535 maps onto 0..255 whatever the image's own
+    range. Pillow's ``convert("RGB")`` would clip every value above 255 to white instead.
+    """
+    arr = np.asarray(img).astype(np.int64)
+    if arr.ndim != 2:
+        raise DataError(f"image {path} (mode {img.mode}) decoded to shape {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() > 65535):
+        raise DataError(
+            f"image {path} is a 32-bit integer image with values {int(arr.min())}..."
+            f"{int(arr.max())}, outside the 16-bit range 0..65535; convert it to an 8- or "
+            "16-bit image"
+        )
+    grey = (arr >> 8).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
 def read_image(path: PathLike) -> np.ndarray:
-    """Read an image file as a ``uint8`` (H, W, 3) RGB array; raise DataError if unusable."""
+    """Read an image file as a ``uint8`` (H, W, 3) RGB array; raise DataError if unusable.
+
+    Greyscale (8- or 16-bit) becomes three equal channels, 16-bit values keep their high byte
+    (``>> 8``), and RGBA / LA / palette images lose their alpha (see the module docstring).
+    """
     with _open(path, "image") as img:
         _load(img, path, "image")
-        if img.mode != "RGB":
-            try:
-                img = img.convert("RGB")
-            except Exception as exc:
-                raise DataError(
-                    f"cannot convert image {path} (mode {img.mode}) to RGB ({exc})"
-                ) from exc
-        arr = np.array(img, dtype=np.uint8)  # a writable copy
+        if img.mode == "I" or img.mode.startswith("I;16"):
+            arr = _grey16_to_rgb8(img, path)
+        else:
+            if img.mode != "RGB":
+                try:
+                    img = img.convert("RGB")
+                except Exception as exc:
+                    raise DataError(
+                        f"cannot convert image {path} (mode {img.mode}) to RGB ({exc})"
+                    ) from exc
+            arr = np.array(img, dtype=np.uint8)  # a writable copy
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.size == 0:
         raise DataError(f"image {path} decoded to an unusable array of shape {arr.shape}")
     return arr
