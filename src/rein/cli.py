@@ -134,6 +134,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
     with torch.device("cpu"):
         model = build_segmentor(cfg.model, load_weights=False, with_criterion=False)
+    if args.trust_pickle:
+        from rein.commands import _warn_trust_pickle
+
+        _warn_trust_pickle()
     keys = load_official(model, args.src, trust_pickle=args.trust_pickle)
     trainable = trainable_state_dict(model)
     if args.keep_frozen:
