@@ -64,7 +64,7 @@ data:
   train:
     - {name: gtav, root: /data/gta}
   val:
-    - {name: cityscapes, split: val, options: {resize: [1024, 512]}}
+    - {name: acdc, split: val, options: {condition: night}}
 optim:
   lr: 2e-4          # YAML 1.1 would read this as a string; we read a float
   betas: [0.8, 0.99]
@@ -76,7 +76,7 @@ optim:
     assert cfg.model.backbone.out_indices == [1, 2, 3, 4]
     assert cfg.model.backbone.timm_kwargs == {"drop_rate": 0.0}
     assert cfg.data.train == [DatasetConfig(name="gtav", root="/data/gta")]
-    assert cfg.data.val[0].options == {"resize": [1024, 512]}
+    assert cfg.data.val[0].options == {"condition": "night"}  # checked against ACDCDataset
     assert cfg.data.val[0].root is None and cfg.data.val[0].split == "val"
     assert cfg.optim.lr == 2e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.optim.betas == (0.8, 0.99) and isinstance(cfg.optim.betas, tuple)
@@ -254,7 +254,7 @@ def test_invalid_yaml_names_file(tmp_path):
 
 def test_round_trip_dict_config_dict(tmp_path):
     cfg = load_config(
-        write(tmp_path / "x.yaml", "data: {val: [{name: acdc, options: {cond: [fog]}}]}\n"),
+        write(tmp_path / "x.yaml", "data: {val: [{name: acdc, options: {condition: fog}}]}\n"),
         ["optim.betas=[0.5, 0.6]", "model.rein.lora_dim=null"],
     )
     d = config_to_dict(cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -221,7 +222,7 @@ def test_rein_eval_cli_reports_the_oracle_numbers(tmp_path, monkeypatch, capsys)
     oracle = Oracle({**CLEAR, **NIGHT}, remap={30: {1: 2}})
     seen = {}
 
-    def load_model(cfg, checkpoint):  # the seam where `rein eval` builds the segmentor
+    def load_model(cfg, checkpoint, **_):  # the seam where `rein eval` builds the segmentor
         seen.update(num_classes=cfg.model.head.num_classes, checkpoint=checkpoint)
         return oracle
 
@@ -247,3 +248,23 @@ def test_rein_eval_cli_reports_the_oracle_numbers(tmp_path, monkeypatch, capsys)
     assert res["folder_1"]["mIoU"] == pytest.approx(NIGHT_MIOU)
     assert res["DG avg"] == pytest.approx(dg)
     assert not any(isinstance(v, float) and math.isnan(v) for v in res["folder"].values())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_bad_in_evaluation_skips_instead_of_counting_the_next_image_twice(tmp_path, workers):
+    root = _write_domain(tmp_path / "clear", CLEAR)  # 010.png, 020.png
+    (root / "images" / "015.png").write_bytes(b"not a png")  # sorted between them
+    Image.fromarray(np.zeros((2, 2), np.uint8), mode="L").save(root / "labels" / "015.png")
+    ds = FolderDataset(
+        root / "images", root / "labels", transform=build_eval_pipeline("folder"), skip_bad=True
+    )
+    assert len(ds) == 3
+    oracle = Oracle(CLEAR)
+    with pytest.warns(UserWarning, match="015.png") if workers == 0 else nullcontext():
+        cm = evaluate_dataset(oracle, ds, K, EVAL, num_workers=workers)
+    assert int(cm.mat.sum()) == 15 + 8 - 2  # the 2 good images, each once
+    assert sorted(c["grey"] for c in oracle.calls) == [10, 20]
+    # training still substitutes: every stream position needs a sample (the main process's
+    # copy learns that 015.png is bad only now when the workers read it)
+    with pytest.warns(UserWarning, match="015.png") if workers else nullcontext():
+        assert ds.substitute_bad and ds[1]["meta"]["index"] == 2

@@ -87,6 +87,9 @@ class BackboneConfig:
 
     name: str = "vit_large_patch14_dinov2"
     weights: str | None = None  # None: random init; a .pth/.safetensors path; "timm": hub weights
+    # Seed of the random init when weights is null (drawn from its own generator, the global
+    # RNG is untouched), so every build (train, eval, predict) has the same frozen weights.
+    init_seed: int = 0
     patch_size: int | None = 16
     img_size: int = 512
     out_indices: list[int] | None = None
@@ -477,15 +480,64 @@ def config_from_dict(d: Mapping[str, Any], source: str | None = None) -> Config:
     cfg = _build_dataclass(Config, d, "", source)
     _check_tuning_options(cfg.model, "model", source)
     _check_datasets(cfg.data, "data", source)
+    _check_train(cfg.train, cfg.data, source)
     return cfg
+
+
+# (key, minimum, what a value below it would mean / what the key counts)
+_POSITIVE_KEYS = (
+    ("train.log_interval", 1, "log every N iterations"),
+    ("train.checkpoint_interval", 1, "write the 'latest' checkpoint every N iterations"),
+    ("train.grad_accum", 1, "micro-batches per optimizer step (1: no accumulation)"),
+    ("data.batch_size", 1, "images per micro-batch and process"),
+)
+
+
+def _check_train(train: TrainConfig, data: DataConfig, source: str | None) -> None:
+    """Value checks of the loop's counts and intervals (0 would divide by zero or run nothing)."""
+    where = _where(source)
+    sections = {"train": train, "data": data}
+    for key, low, what in _POSITIVE_KEYS:
+        section, name = key.split(".")
+        value = getattr(sections[section], name)
+        if value < low:
+            raise ConfigError(
+                f"invalid value for '{key}' in {where}: {value}; expected an integer >= {low} "
+                f"({what})"
+            )
+    if train.val_interval < 0:
+        raise ConfigError(
+            f"invalid value for 'train.val_interval' in {where}: {train.val_interval}; expected "
+            "an integer >= 0 (validate every N iterations and after the last; 0: never)"
+        )
+    if train.max_iters < 0:
+        raise ConfigError(
+            f"invalid value for 'train.max_iters' in {where}: {train.max_iters}; expected an "
+            "integer >= 0 (the number of optimizer steps)"
+        )
+    if data.num_workers < 0:
+        raise ConfigError(
+            f"invalid value for 'data.num_workers' in {where}: {data.num_workers}; expected an "
+            "integer >= 0 (DataLoader worker processes; 0: load in the main process)"
+        )
 
 
 def _check_datasets(data: DataConfig, prefix: str, source: str | None) -> None:
     """Value checks of the per-dataset options (``eval_scale``, ``subset``)."""
+    from rein.data.registry import canonical_name, unknown_option_message
+
     where = _where(source)
     for kind in ("train", "val"):
         for i, d in enumerate(getattr(data, kind)):
             key = f"{prefix}.{kind}[{i}]"
+            if canonical_name(d.name) is not None:  # an unknown name fails when it is built
+                for option in d.options:
+                    why = unknown_option_message(d.name, str(option))
+                    if why is not None:
+                        raise ConfigError(
+                            f"unknown key '{key}.options.{option}' in {where} (dataset "
+                            f"{d.name!r}): {why}"
+                        )
             if d.eval_scale is not None:
                 if kind == "train":
                     raise ConfigError(

@@ -277,6 +277,8 @@ class Mask2FormerCriterion(nn.Module):
 
     ``forward`` returns ``d0.loss_cls`` ... ``d8.loss_dice`` for the auxiliary levels,
     ``loss_cls``/``loss_mask``/``loss_dice`` for the final one and ``loss`` (their sum).
+    Without an explicit ``matcher``, the Hungarian matcher's class / mask / dice costs are the
+    loss weights (``model.loss``; 2 / 5 / 5 by default, as in the official config).
     """
 
     def __init__(
@@ -302,7 +304,14 @@ class Mask2FormerCriterion(nn.Module):
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
         self.ignore_index = ignore_index
-        self.matcher = matcher if matcher is not None else HungarianMatcher(num_points=num_points)
+        if matcher is None:  # mmdet's Mask2Former: the match costs are the loss weights
+            matcher = HungarianMatcher(
+                cost_class=class_weight,
+                cost_mask=mask_weight,
+                cost_dice=dice_weight,
+                num_points=num_points,
+            )
+        self.matcher = matcher
         ce_weight = torch.ones(num_classes + 1)
         ce_weight[-1] = no_object_weight
         self.register_buffer("ce_weight", ce_weight, persistent=False)

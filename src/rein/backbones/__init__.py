@@ -15,12 +15,25 @@ timm class (module)                          wrapper              Rein
 ViT-like models get ``patch_size`` / ``img_size`` from the config (EVA also
 ``dynamic_img_size=True``); ConvNets take neither (their ``patch_size`` is 32) and ignore
 ``mask_token`` and ``patch_size``/``img_size``.
+
+With ``model.backbone.weights: null`` the frozen model keeps its random init. That init is drawn
+from ``model.backbone.init_seed`` under :func:`torch.random.fork_rng` (the global RNG is left
+as it was), so a training run, its evaluation and ``rein predict`` all rebuild the same frozen
+weights (a checkpoint holds only the trainable ones); the first such build in a process logs
+a one-line warning.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 from rein.backbones.base import ReinBackbone, check_timm_name, create_timm_model
@@ -42,6 +55,7 @@ __all__ = [
     "backbone_family",
     "default_out_indices",
     "WeightsError",
+    "seeded_init",
 ]
 
 # timm module of a model name -> family (decides the constructor arguments).
@@ -105,12 +119,94 @@ def _wrap(model: nn.Module, bcfg) -> ReinBackbone:
     raise ValueError(f"backbone '{bcfg.name}' ({type(model).__name__}) is not supported")
 
 
+_log = logging.getLogger("rein")
+_warned_random = False
+
+
+@contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Draw the enclosed random inits from ``seed``; the global RNG state is restored after.
+
+    Seeds the CPU generator, and the current CUDA device's when the default device is CUDA.
+    """
+    device = torch.get_default_device()
+    cuda = device.type == "cuda"
+    index = (
+        (device.index if device.index is not None else torch.cuda.current_device())
+        if cuda
+        else None
+    )
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        torch.default_generator.manual_seed(int(seed))
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(int(seed))
+        yield
+
+
+def _warn_random_backbone(bcfg) -> None:
+    global _warned_random
+    if _warned_random:
+        return
+    _warned_random = True
+    _log.warning(
+        "warning: model.backbone.weights is null: the frozen backbone %r is randomly "
+        "initialised (seed model.backbone.init_seed=%d), not pretrained; set "
+        "model.backbone.weights to a weights file or 'timm' for a real foundation model",
+        bcfg.name,
+        getattr(bcfg, "init_seed", 0),
+    )
+
+
+_UNEXPECTED = re.compile(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'")
+
+
+def _create(bcfg, family: str) -> nn.Module:
+    """The timm model; a keyword timm rejects becomes one line naming it and the model."""
+    kwargs = _timm_kwargs(bcfg, family)
+    try:
+        return create_timm_model(bcfg.name, **kwargs)
+    except TypeError as exc:
+        user = dict(bcfg.timm_kwargs)
+        match = _UNEXPECTED.search(str(exc))
+        if match is None:
+            raise ValueError(
+                f"timm cannot build '{bcfg.name}' with model.backbone.timm_kwargs {user}: {exc}"
+            ) from None
+        cls_name, key = match.groups()
+        where = f"model.backbone.timm_kwargs.{key}" if key in user else f"timm keyword '{key}'"
+        valid = _constructor_args(bcfg.name, cls_name)
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ValueError(
+            f"unknown key {where}: timm model '{bcfg.name}' ({cls_name}) has no argument "
+            f"'{key}'{hint}"
+        ) from None
+
+
+def _constructor_args(model_name: str, cls_name: str) -> list[str]:
+    """Argument names of class ``cls_name`` in the timm module of ``model_name`` ([] if unknown)."""
+    import importlib
+
+    from timm.models import model_entrypoint
+
+    try:
+        module = importlib.import_module(model_entrypoint(model_name).__module__)
+        cls = getattr(module, cls_name)
+        params = inspect.signature(cls.__init__).parameters
+    except Exception:
+        return []
+    return [n for n, p in params.items() if n != "self" and p.kind is not p.VAR_KEYWORD]
+
+
 def build_backbone(model_cfg, load_weights: bool = True, method=None) -> ReinBackbone:
     """Backbone from a :class:`ModelConfig`, with the tuning method's block adapter (if any).
 
     ``method`` (a :class:`rein.methods.TuningMethod`) defaults to the one ``model_cfg.tuning``
     names. Its ``adapt`` step (wrapping linears or blocks) runs later, on the loaded weights
-    (:func:`rein.methods.apply_tuning`).
+    (:func:`rein.methods.apply_tuning`). Without weights (``model.backbone.weights: null``)
+    the timm model's random init is drawn from ``model.backbone.init_seed`` (the global RNG is
+    untouched); the adapter's init comes from the global RNG (the run's seed) as before.
     """
     from rein.methods import build_method
 
@@ -118,7 +214,14 @@ def build_backbone(model_cfg, load_weights: bool = True, method=None) -> ReinBac
         method = build_method(model_cfg.tuning, model_cfg.tuning_options)
     bcfg = model_cfg.backbone
     family = backbone_family(bcfg.name)
-    backbone = _wrap(create_timm_model(bcfg.name, **_timm_kwargs(bcfg, family)), bcfg)
+    if bcfg.weights:
+        timm_model = _create(bcfg, family)  # its init is overwritten by the weights
+    else:
+        with seeded_init(getattr(bcfg, "init_seed", 0)):
+            timm_model = _create(bcfg, family)
+        if load_weights and not any(p.is_meta for p in timm_model.parameters()):
+            _warn_random_backbone(bcfg)
+    backbone = _wrap(timm_model, bcfg)
     adapter = method.block_adapter(backbone, model_cfg)
     if adapter is not None:
         backbone.reins = adapter

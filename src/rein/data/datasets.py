@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ __all__ = [
     "UrbanSynDataset",
     "collate_samples",
     "load_mapping",
+    "no_substitution",
 ]
 
 PathLike = str | os.PathLike
@@ -66,7 +68,9 @@ class SegDataset(Dataset):
         transform: callable on the numpy sample dict (see ``rein.data.transforms``). If the
             image is still a numpy array afterwards, it is normalised and converted to tensors.
         skip_bad: if True, a sample whose files are unusable emits a warning naming the file,
-            increments ``num_bad`` and is replaced by the next index; otherwise DataError.
+            increments ``num_bad`` and is replaced by the next index (or, with
+            ``substitute_bad = False``, comes back as None: evaluation must count every image
+            once, see :func:`no_substitution`); otherwise DataError.
         num_classes / ignore_index: the valid label values after mapping.
         label_channel: for multi-channel label images, which channel holds the ids.
         name: dataset name, stored in ``meta["dataset"]``.
@@ -77,6 +81,9 @@ class SegDataset(Dataset):
 
     name = "custom"
     LAYOUT = ""
+    #: with ``skip_bad``: replace a bad sample by the next good one (True: training, which
+    #: needs a sample at every position) or return None for it (False: evaluation)
+    substitute_bad: bool = True
 
     def __init__(
         self,
@@ -141,12 +148,15 @@ class SegDataset(Dataset):
         index: int,
         transform: Callable[..., Sample] | None = None,
         rng: np.random.Generator | None = None,
-    ) -> Sample:
+    ) -> Sample | None:
         """Sample ``index`` through ``transform`` (``__getitem__`` uses ``self.transform``).
 
         With ``rng``, the transform is called as ``transform(sample, rng)`` so its randomness
         comes from that generator: e.g. one seeded from (seed, stream position) makes every
-        sample's augmentation reproducible regardless of workers or resumption.
+        sample's augmentation reproducible regardless of workers, threads or resumption (the
+        transforms give the same numbers whatever the thread count).
+
+        None only for a bad sample with ``skip_bad`` and ``substitute_bad = False``.
         """
         n = len(self)
         if index < 0:
@@ -154,17 +164,21 @@ class SegDataset(Dataset):
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {self.name} dataset of size {n}")
         out = self._load_or_skip(index)
+        if out is None:
+            return None
         if transform is not None:
             out = transform(out) if rng is None else transform(out, rng)
         if isinstance(out["image"], np.ndarray):
             out = _TO_TENSOR(out)
         return out
 
-    def _load_or_skip(self, index: int) -> Sample:
+    def _load_or_skip(self, index: int) -> Sample | None:
         n = len(self)
         for step in range(n):
             i = (index + step) % n
             if i in self._bad:
+                if not self.substitute_bad:
+                    return None
                 continue
             try:
                 return self.load(i)
@@ -174,6 +188,8 @@ class SegDataset(Dataset):
                 self._bad.add(i)
                 self.num_bad += 1
                 warnings.warn(f"{self.name}: skipping bad sample {i}: {exc}", stacklevel=3)
+                if not self.substitute_bad:
+                    return None
         raise DataError(f"{self.name}: all {n} samples are unusable (see the warnings above)")
 
     def check(self) -> list[str]:
@@ -188,6 +204,47 @@ class SegDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, num_samples={len(self)})"
+
+
+def _seg_datasets(dataset: Any, seen: set[int] | None = None) -> list[SegDataset]:
+    """The SegDatasets inside ``dataset`` and its wrappers (``.dataset`` / ``.datasets``)."""
+    seen = set() if seen is None else seen
+    if id(dataset) in seen:
+        return []
+    seen.add(id(dataset))
+    if isinstance(dataset, SegDataset):
+        return [dataset]
+    found: list[SegDataset] = []
+    inner = getattr(dataset, "dataset", None)
+    if inner is not None:
+        found += _seg_datasets(inner, seen)
+    for d in getattr(dataset, "datasets", None) or ():
+        found += _seg_datasets(d, seen)
+    return found
+
+
+@contextmanager
+def no_substitution(dataset: Any) -> Iterator[None]:
+    """Inside the block, bad samples of ``dataset`` (``skip_bad``) come back as None.
+
+    Training replaces a bad sample by the next good one (its stream needs a sample at every
+    position); an evaluation that did so would count the next image twice. The evaluator
+    skips the Nones. Works through wrappers that keep the dataset in ``.dataset`` or
+    ``.datasets`` (Subset, RandomSubsetDataset, CorruptedDataset, ConcatDataset). A
+    DataLoader started inside the block copies the setting into its workers.
+    """
+    targets = [d for d in _seg_datasets(dataset) if d.skip_bad]
+    saved = [d.__dict__.get("substitute_bad") for d in targets]
+    for d in targets:
+        d.substitute_bad = False
+    try:
+        yield
+    finally:
+        for d, old in zip(targets, saved):
+            if old is None:
+                d.__dict__.pop("substitute_bad", None)
+            else:
+                d.substitute_bad = old
 
 
 def collate_samples(batch: Sequence[Sample]) -> dict[str, Any]:
@@ -207,11 +264,16 @@ def collate_samples(batch: Sequence[Sample]) -> dict[str, Any]:
 
 
 def _layout_error(
-    cls: type[SegDataset], root: PathLike, tried: PathLike, problem: str
+    cls: type[SegDataset],
+    root: PathLike,
+    tried: PathLike,
+    problem: str,
+    layout: str | None = None,
 ) -> DataError:
+    layout = cls.LAYOUT if layout is None else layout
     return DataError(
         f"{cls.__name__}: {problem}: {tried}\n"
-        f"Expected layout under the dataset root ({root}):\n{cls.LAYOUT.rstrip()}"
+        f"Expected layout under the dataset root ({root}):\n{layout.rstrip()}"
     )
 
 
@@ -226,6 +288,26 @@ def _files(folder: Path, suffix: str, recursive: bool) -> list[Path]:
     pattern = "*" + suffix
     found = folder.rglob(pattern) if recursive else folder.glob(pattern)
     return sorted(p for p in found if p.is_file())
+
+
+def _suffix_counts(folder: Path, recursive: bool) -> list[tuple[str, int]]:
+    """The file suffixes in ``folder`` with their counts, most frequent first."""
+    counts: dict[str, int] = {}
+    found = folder.rglob("*") if recursive else folder.glob("*")
+    for p in found:
+        if p.is_file() and not p.name.startswith("."):
+            key = p.suffix or "(no suffix)"
+            counts[key] = counts.get(key, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def _suffixes_found(folder: Path, recursive: bool, limit: int = 5) -> str:
+    """``"12 x .jpg, 1 x .txt"`` for the files in ``folder`` (``"no files"``)."""
+    top = _suffix_counts(folder, recursive)
+    if not top:
+        return "no files"
+    shown = ", ".join(f"{n} x {suffix}" for suffix, n in top[:limit])
+    return shown + (", ..." if len(top) > limit else "")
 
 
 def _match_labels(
@@ -733,16 +815,51 @@ class FolderDataset(_ReleaseDataset):
     ) -> None:
         img_dir = Path(img_dir)
         lut = None if mapping is None else load_mapping(mapping)
+        layout = self.LAYOUT.format(
+            img_dir=img_dir,
+            ann_dir=ann_dir if ann_dir is not None else "(no labels)",
+            img_suffix=img_suffix,
+            ann_suffix=ann_suffix,
+        )
         if not img_dir.is_dir():
-            raise _layout_error(type(self), img_dir, img_dir, "image folder not found")
+            raise _layout_error(type(self), img_dir, img_dir, "image folder not found", layout)
         images = _files(img_dir, img_suffix, recursive)
+        if not images:
+            found = [suf for suf, _ in _suffix_counts(img_dir, recursive) if suf != img_suffix]
+            example = found[0] if found and found[0].startswith(".") else ".jpg"
+            raise DataError(
+                f"FolderDataset: no images ending in {img_suffix!r} in {img_dir} (found: "
+                f"{_suffixes_found(img_dir, recursive)}); set the dataset's option "
+                f"img_suffix (data.train[i].options / data.val[i].options) to the images' "
+                f"suffix, e.g. img_suffix: {example}"
+            )
         if ann_dir is None:
             pairs: list[Pair] = [(p, None) for p in images]
             self._init_from(img_dir, pairs, [], None, transform, skip_bad, img_dir)
             return
         ann_dir = Path(ann_dir)
         if not ann_dir.is_dir():
-            raise _layout_error(type(self), ann_dir, ann_dir, "label folder not found")
+            raise _layout_error(type(self), ann_dir, ann_dir, "label folder not found", layout)
         options: list[LabelOption] = [(ann_suffix, lut, "labels")]
         pairs, missing, _ = _match_labels(images, img_dir, img_suffix, ann_dir, options, recursive)
+        if not pairs:
+            raise DataError(
+                f"FolderDataset: none of the {len(images)} images in {img_dir} has a label "
+                f"{ann_dir}/<same relative name>{ann_suffix} (e.g. "
+                f"{_label_for(images[0], img_dir, img_suffix, ann_dir, ann_suffix)}; found in "
+                f"{ann_dir}: {_suffixes_found(ann_dir, recursive)}"
+                f"{_first_file(ann_dir, recursive)}); set the dataset's option "
+                "ann_suffix (the part of a label's name after the image's stem, e.g. "
+                "ann_suffix: _labelTrainIds.png) or ann_dir"
+            )
         self._init_from(img_dir, pairs, missing, lut, transform, skip_bad, img_dir)
+
+
+def _first_file(folder: Path, recursive: bool) -> str:
+    found = sorted(p for p in (folder.rglob("*") if recursive else folder.glob("*")) if p.is_file())
+    return f", e.g. {found[0].relative_to(folder)}" if found else ""
+
+
+def _label_for(image: Path, img_dir: Path, img_suffix: str, ann_dir: Path, ann_suffix: str) -> Path:
+    rel = str(image.relative_to(img_dir))[: -len(img_suffix)] + ann_suffix
+    return ann_dir / rel

@@ -16,11 +16,18 @@ a run is reproducible given ``seed`` and ``torch.manual_seed`` (or the DataLoade
 
 Geometric resizing matches OpenCV as used by mmcv: bilinear with half-pixel centres and no
 antialiasing for images, "floor" nearest neighbour for labels.
+
+Thread count: every transform gives the same pixels whatever ``torch.get_num_threads()`` is, so
+a sample is the same in the main process (many intra-op threads) and in a DataLoader worker
+(one). The only torch kernel whose result depends on how its work is split over threads, the
+bilinear ``F.interpolate``, runs on one thread (:func:`single_thread`); everything else is
+numpy or element-wise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -48,6 +55,7 @@ __all__ = [
     "eval_scale",
     "rescale_size",
     "short_edge_scales",
+    "single_thread",
 ]
 
 Sample = dict[str, Any]
@@ -96,13 +104,38 @@ def short_edge_scales(base: int = 512) -> list[int]:
 # --------------------------------------------------------------------------- helpers
 
 
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the enclosed torch ops on one intra-op thread (restored afterwards).
+
+    CPU ``F.interpolate`` (bilinear) splits its output over the threads, and the last bit of
+    some results depends on where the chunks start, hence (after rounding to uint8) some
+    pixels: 1 thread (a DataLoader worker) and 2 (the main process) gave different training
+    images. One thread gives the worker's result everywhere. A no-op where torch already runs
+    on one thread (in workers).
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _resize_image(img: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a uint8 (H, W, 3) image (OpenCV INTER_LINEAR semantics)."""
+    """Bilinear resize of a uint8 (H, W, 3) image (OpenCV INTER_LINEAR semantics).
+
+    The same pixels whatever the thread count (see :func:`single_thread`).
+    """
     h, w = size_hw
     if img.shape[:2] == (h, w):
         return img.copy()
     t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
-    out = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
+    with single_thread():
+        out = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
     return out[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 

@@ -3,6 +3,9 @@
 Each image is predicted at its evaluation scale (the dataset's eval pipeline resizes it) in
 whole or sliding-window mode, the class scores are resized to the original image size and the
 argmax is compared with the full-resolution label, as mmseg does.
+
+Every image counts once: with ``data.skip_bad`` an unreadable image is skipped (with a warning
+naming it), not replaced by the next one as in training (:func:`rein.data.datasets.no_substitution`).
 """
 
 from __future__ import annotations
@@ -99,7 +102,12 @@ def evaluate_dataset(
     progress: bool = False,
     desc: str = "eval",
 ) -> ConfusionMatrix:
-    """Confusion matrix of ``model`` over ``dataset`` (one image at a time; sizes vary)."""
+    """Confusion matrix of ``model`` over ``dataset`` (one image at a time; sizes vary).
+
+    Bad images of a ``skip_bad`` dataset are skipped: each good image counts exactly once.
+    """
+    from rein.data.datasets import no_substitution
+
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, device=device)
@@ -110,12 +118,21 @@ def evaluate_dataset(
         num_workers=num_workers,
         collate_fn=_collate_one,
     )
+    with no_substitution(dataset):
+        _accumulate(model, loader, cm, eval_cfg, device, progress, desc)
+    model.train(was_training)
+    return cm
+
+
+def _accumulate(model, loader, cm, eval_cfg, device, progress: bool, desc: str) -> None:
     it = loader
     if progress and is_main():
         from tqdm import tqdm
 
         it = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
     for sample in it:
+        if sample is None:  # a bad image of a skip_bad dataset (warned about by the dataset)
+            continue
         image = sample["image"].unsqueeze(0).to(device)
         label = sample["label"].to(device)
         pred = predict_labels(
@@ -129,8 +146,6 @@ def evaluate_dataset(
             scales=tuple(eval_cfg.scales),
         )
         cm.update(pred[0], label)
-    model.train(was_training)
-    return cm
 
 
 def evaluate_domains(
