@@ -142,38 +142,60 @@ def test_latest_picks_highest_iteration_and_load_into(tmp_path):
         load_checkpoint(tmp_path, "iter_9")
 
 
-def test_crash_between_renames_is_detected_and_previous_survives(tmp_path, monkeypatch):
+def test_crash_at_a_rename_leaves_a_complete_checkpoint(tmp_path, monkeypatch):
+    """A save's first rename is its commit: failing at it keeps the previous checkpoint whole
+    (and removes the new files); failing at a later rename keeps the new one whole."""
     model = Toy()
     save(model, tmp_path, "latest", 1)
-    save(model, tmp_path, "iter_1", 1)
     real_replace = os.replace
-    calls = []
 
-    def crash_after_first(src, dst):
-        if calls:
-            raise OSError("simulated crash")
-        calls.append(dst)
-        real_replace(src, dst)
+    def failing_at(n):
+        calls = []
 
-    monkeypatch.setattr(ckpt.os, "replace", crash_after_first)
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) == n:
+                raise OSError("simulated crash")
+            real_replace(src, dst)
+
+        return replace
+
+    monkeypatch.setattr(ckpt.os, "replace", failing_at(1))
     with pytest.raises(OSError, match="simulated crash"):
         save(model, tmp_path, "latest", 2)
-    calls.clear()
-    with pytest.raises(OSError, match="simulated crash"):
-        save(model, tmp_path, "iter_2", 2)
     monkeypatch.setattr(ckpt.os, "replace", real_replace)
-
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temps removed
-    # Same tag overwritten: new state.pt + old weights/json -> mismatch detected, not mixed.
+    _, meta, train_state = load_checkpoint(tmp_path, "latest")
+    assert meta["iteration"] == train_state["iteration"] == 1
+
+    monkeypatch.setattr(ckpt.os, "replace", failing_at(2))
+    with pytest.raises(OSError, match="simulated crash"):
+        save(model, tmp_path, "latest", 3)
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    _, meta, train_state = load_checkpoint(tmp_path, "latest")  # committed: the new files
+    assert meta["iteration"] == train_state["iteration"] == 3
+    assert list_checkpoints(tmp_path) == [("latest", 3)]
+    ckpt.clean_checkpoint_dir(tmp_path)  # finishes the renames
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest.json",
+        "latest.safetensors",
+        "latest.state.pt",
+    ]
+    _, meta, train_state = load_checkpoint(tmp_path / "latest.state.pt")
+    assert meta["iteration"] == train_state["iteration"] == 3
+
+
+def test_old_layout_inconsistency_is_still_detected(tmp_path):
+    """A run saved by an older rein and killed between its renames: a new state.pt next to
+    the old weights and JSON is refused, not mixed; the weights alone still load."""
+    model = Toy()
+    save(model, tmp_path, "latest", 1)
+    save(model, tmp_path / "newer", "latest", 2)
+    os.replace(tmp_path / "newer" / "latest.state.pt", tmp_path / "latest.state.pt")
     with pytest.raises(CheckpointError, match="inconsistent.*iteration 1.*latest.state.pt.*2"):
         load_checkpoint(tmp_path, "latest")
-    # The previous weights + meta still agree with each other.
     state, meta, _ = load_checkpoint(tmp_path, "latest", load_train_state=False)
     assert meta["iteration"] == 1 and state.keys() == trainable_state_dict(model).keys()
-    # New tag half written: no metadata, so it is not a checkpoint; iter_1 is intact.
-    assert sorted(list_checkpoints(tmp_path)) == [("iter_1", 1), ("latest", 1)]
-    _, meta, train_state = load_checkpoint(tmp_path, "iter_1")
-    assert meta["iteration"] == 1 and train_state["iteration"] == 1
 
 
 def test_latest_falls_back_past_an_inconsistent_checkpoint(tmp_path):
@@ -302,3 +324,47 @@ def test_write_json_atomic(tmp_path):
     write_json_atomic({"a": 3}, path)
     assert json.loads(path.read_text()) == {"a": 3}
     assert [p.name for p in path.parent.iterdir()] == ["m.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_get_the_umask_mode_not_0600(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save(Toy(), tmp_path, "c", 1)
+        write_json_atomic({"a": 1}, tmp_path / "eval.json")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {
+        n: 0o666 & ~umask for n in ("c.json", "c.safetensors", "c.state.pt", "eval.json")
+    }
+
+
+def test_lone_safetensors_loads_as_weights(tmp_path):
+    """Weights without their JSON (copied alone, or written by another tool) load for
+    evaluation: the metadata is optional, the config supplies the rest."""
+    model = Toy()
+    save(model, tmp_path, "c", 7)
+    (tmp_path / "c.json").unlink()
+    (tmp_path / "c.state.pt").unlink()
+    expected = trainable_state_dict(model)
+    for spec, tag in ((tmp_path / "c.safetensors", "latest"), (tmp_path, "c")):
+        state, meta, train_state = load_checkpoint(spec, tag)
+        assert train_state is None and meta["has_metadata"] is False
+        assert meta["iteration"] == 7  # recorded in the safetensors header
+        assert all(torch.equal(state[k], v) for k, v in expected.items())
+    import safetensors.torch
+
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in expected.items()}, str(plain))
+    state, meta, _ = load_checkpoint(plain, load_train_state=False)
+    assert meta["iteration"] is None and state.keys() == expected.keys()
+    fresh = Toy()
+    load_into(fresh, state)
+
+
+def test_missing_safetensors_is_reported_as_missing(tmp_path):
+    for name in ("X.safetensors", "X.json", "X.state.pt"):
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(tmp_path / name)
+        assert str(e.value) == f"checkpoint not found: {tmp_path / name}"

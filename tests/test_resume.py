@@ -190,3 +190,97 @@ def test_weight_space_adapter_run_with_ema_resumes_bit_identical(tmp_path, tunin
     assert [k for k in live_a if not torch.equal(live_a[k], live_b[k])] == []
     # the average really differs from the live weights (the EMA is on)
     assert any(not torch.equal(wa[k], live_a[k]) for k in live_a)
+
+
+# -- honest resume: the config is compared before anything is written ---------------------------
+def _stopped_run(root: Path, **train):
+    """A 4-iteration tiny run stopped after iteration 2 (latest = 2)."""
+    cfg = tiny_train_config(root, **train)
+    trainer.train(cfg, progress=False, stop_after=2)
+    return cfg, root / "tiny"
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("model.head.num_queries", 4),  # model
+        ("model.loss.dice_weight", 1.0),
+        ("data.train[0].options.num_images", 8),  # training data
+        ("data.batch_size", 1),
+        ("train.max_iters", 8),  # schedule
+        ("optim.lr", 1e-2),
+        ("optim.warmup_iters", 2),
+        ("train.seed", 1),
+    ],
+)
+def test_resume_with_a_changed_config_is_refused_before_writing(tmp_path, key, value):
+    from rein.config import apply_overrides, config_from_dict, config_to_dict
+
+    cfg, run = _stopped_run(tmp_path)
+    before = _files(run)
+    override = f"{key.replace('[', '.').replace(']', '')}={value}"  # data.train.0.options...
+    changed = config_from_dict(apply_overrides(config_to_dict(cfg), [override]))
+    with pytest.raises(trainer.ResumeConfigError) as e:
+        trainer.train(changed, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and isinstance(e.value, ValueError)
+    assert key in msg and "--no-resume" in msg and "another name or output_dir" in msg
+    assert "at iteration 2" in msg
+    assert _files(run) == before  # config.yaml, metrics.jsonl and checkpoints untouched
+    # starting over is still possible
+    result = trainer.train(changed, progress=False, resume=False, stop_after=1)
+    assert result["iteration"] == 1
+
+
+def test_resume_allows_interval_logging_eval_and_loader_changes(tmp_path):
+    """Intervals, evaluation settings and data.num_workers may change: the run resumes and
+    ends bit-identical to an uninterrupted one; config.yaml records the new values."""
+    ref = tiny_train_config(tmp_path / "ref")
+    trainer.train(ref, progress=False)
+    cfg, run = _stopped_run(tmp_path / "b")
+    cfg.train.log_interval, cfg.train.checkpoint_interval, cfg.train.val_interval = 3, 1, 0
+    cfg.eval.stride = 16
+    workers = tiny_train_config(tmp_path / "b")
+    workers.data.num_workers = 2  # allowed too (not trained here: it spawns processes)
+    trainer._check_resume_config(workers, run, _meta(run), 2)
+    assert trainer.train(cfg, progress=False)["iteration"] == 4
+    wa = load_checkpoint(tmp_path / "ref" / "tiny", "latest")[0]
+    wb = load_checkpoint(run, "latest")[0]
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+    assert "log_interval: 3" in (run / "config.yaml").read_text()
+
+
+def _meta(run: Path) -> dict:
+    return load_checkpoint(run, "latest", load_train_state=False)[1]
+
+
+def test_resume_names_every_changed_key_in_one_line(tmp_path):
+    cfg, run = _stopped_run(tmp_path)
+    cfg.train.max_iters, cfg.optim.lr, cfg.train.log_interval = 16, 0.01, 7
+    with pytest.raises(trainer.ResumeConfigError) as e:
+        trainer._check_resume_config(cfg, run, _meta(run), 2)
+    msg = str(e.value)
+    assert "optim.lr 0.001 -> 0.01" in msg and "train.max_iters 4 -> 16" in msg
+    assert "log_interval" not in msg and "\n" not in msg
+    assert "max_iters cannot be extended" in msg
+
+
+def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tmp_path):
+    """A run killed after logging iteration 3 (checkpoint at 2), mid-way through writing a
+    row: the resumed run's metrics.jsonl has each iteration once, as an uninterrupted run's."""
+
+    def rows(run: Path) -> list[dict]:
+        out = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "sec_per_iter"} for r in out]
+
+    trainer.train(tiny_train_config(tmp_path / "a"), progress=False)
+    cfg, run = _stopped_run(tmp_path / "b")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"iter": 3, "loss": 123.0}) + "\n" + '{"iter": 4, "lo')
+    trainer.train(cfg, progress=False)
+    assert [r["iter"] for r in rows(run)] == [1, 2, 3, 4]
+    assert rows(run) == rows(tmp_path / "a" / "tiny")

@@ -16,8 +16,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.config, args.set)
     if args.work_dir:
         cfg.output_dir = args.work_dir
-    result = train(cfg, resume=not args.no_resume, progress=not args.no_progress)
     from rein.engine.distributed import is_main
+
+    try:
+        result = train(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line, no traceback, exit code 130
+        import sys
+
+        from rein.engine.checkpoint import checkpoint_iteration
+        from rein.engine.trainer import TrainingInterrupted, run_dir
+
+        if is_main():
+            if isinstance(exc, TrainingInterrupted):
+                msg = str(exc)
+            else:  # before the first iteration (building the model, loading data...)
+                out, last = run_dir(cfg), checkpoint_iteration(run_dir(cfg))
+                msg = (
+                    f"interrupted before training started; the last checkpoint is iteration "
+                    f"{last} in {out}; run the same command to resume"
+                    if last is not None
+                    else "interrupted before training started; run the same command to start"
+                )
+            print(f"rein train: {msg}", file=sys.stderr)
+        return 130
 
     if not is_main():
         return 0

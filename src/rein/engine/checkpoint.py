@@ -1,4 +1,4 @@
-"""Atomic checkpoints: trainable weights (safetensors) + metadata (JSON) + train state (torch).
+"""Crash-safe checkpoints: trainable weights (safetensors) + metadata (JSON) + train state (torch).
 
 A checkpoint ``tag`` in a folder is up to three files::
 
@@ -6,10 +6,20 @@ A checkpoint ``tag`` in a folder is up to three files::
     {tag}.json          metadata: config, iteration, metric, rein version, tensor shapes
     {tag}.state.pt      optional: optimizer / scheduler / grad-scaler / RNG states
 
-Every file records the iteration and a random ``save_id``. Saving writes all temporary files
-first (fsync'ed), then renames them into place, the JSON last; loading checks that the three
-files agree, so a save interrupted between two renames is detected rather than silently
-mixing two checkpoints. Untrusted pickles are never loaded: ``torch.load(weights_only=True)``.
+Every file records the iteration and a random ``save_id``. A save is one atomic unit:
+
+1. every file of the save is written (fsync'ed) under a new name unique to the save,
+   ``.{tag}.{save_id}.safetensors`` / ``.state.pt`` / ``.json``, next to the previous
+   checkpoint, which is not touched;
+2. the commit: one ``os.replace`` of ``.{tag}.{save_id}.json`` onto ``{tag}.json``;
+3. the new weights and train state are renamed onto their plain names.
+
+A kill before 2 leaves the previous checkpoint complete (the new files are garbage, removed by
+:func:`clean_checkpoint_dir`); a kill after 2 leaves the new one complete: the loader takes
+each file of the committed ``save_id`` from its plain name or, when step 3 did not finish,
+from its unique name, and :func:`clean_checkpoint_dir` finishes the renames. Loading checks
+that the files agree (iteration, save id), so files of two saves are never mixed. Files get
+the umask's permissions. Untrusted pickles are never loaded: ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import json
 import math
 import os
 import random
-import tempfile
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -40,6 +50,8 @@ __all__ = [
     "load_checkpoint",
     "list_checkpoints",
     "resolve_checkpoint",
+    "checkpoint_iteration",
+    "clean_checkpoint_dir",
     "trainable_state_dict",
     "load_into",
     "capture_rng_state",
@@ -50,6 +62,10 @@ WEIGHTS_SUFFIX = ".safetensors"
 META_SUFFIX = ".json"
 STATE_SUFFIX = ".state.pt"
 _SUFFIXES = (STATE_SUFFIX, WEIGHTS_SUFFIX, META_SUFFIX)
+# the files of a save before / while it is committed: .{tag}.{save_id}{suffix}
+_PENDING = re.compile(
+    r"^\.(?P<tag>.+)\.(?P<sid>[0-9a-f]{32})(?P<suffix>\.safetensors|\.state\.pt|\.json)$"
+)
 
 
 class CheckpointError(RuntimeError):
@@ -61,24 +77,32 @@ class CheckpointError(RuntimeError):
 # --------------------------------------------------------------------------------------
 
 
-def _write_temp(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a fsync'ed temporary file next to ``path``; return its path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (which must not exist), write ``data`` and fsync it.
+
+    The file gets the umask's permissions (0666 & ~umask), as ``open()`` would give it. On
+    failure the partial file is removed (except when closing it fails: the caller cleans up).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags, 0o666)
+    done = False
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        _unlink_quietly(Path(tmp))
-        raise
-    return Path(tmp)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        done = True
+    finally:
+        try:
+            os.close(fd)
+        finally:
+            if not done:
+                _unlink_quietly(path)
 
 
 def _unlink_quietly(path: Path) -> None:
     try:
-        path.unlink()
+        os.unlink(path)
     except FileNotFoundError:
         pass
 
@@ -98,10 +122,15 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+
+    The file gets the umask's permissions.
+    """
     path = Path(path)
-    tmp = _write_temp(path, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
+        _write_new(tmp, data)
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
@@ -264,7 +293,8 @@ def save_checkpoint(
     ``meta`` must hold ``iteration`` (or ``train_state`` must); the config dict, metric and
     anything JSON-able may go with it. ``train_state`` (optimizer, scheduler, scaler, RNG
     states...) must be ``weights_only``-loadable; :func:`capture_rng_state` gives such RNG
-    states. Temp files are written first, then renamed in the order state, weights, JSON.
+    states. The save is atomic (see the module docstring): a kill at any point leaves either
+    the previous checkpoint ``tag`` or this one, complete.
     """
     directory = Path(directory)
     if not tag or any(sep in tag for sep in ("/", "\\")) or tag.startswith("."):
@@ -310,24 +340,90 @@ def save_checkpoint(
         _check_weights_only(state_bytes, f"train state of checkpoint '{tag}'")
 
     weights_path, meta_path, state_path = _paths(directory, tag)
-    # Phase 1: every temp file, fsync'ed. Phase 2: renames, the JSON (commit record) last.
-    pending: list[tuple[Path, Path]] = []
+    directory.mkdir(parents=True, exist_ok=True)
+    files = [(STATE_SUFFIX, state_bytes)] if state_bytes is not None else []
+    files.append((WEIGHTS_SUFFIX, weights_bytes))
+    meta_new = _pending_path(directory, tag, save_id, META_SUFFIX)
+    written: list[Path] = []
+    meta_written = False
     try:
-        if state_bytes is not None:
-            pending.append((_write_temp(state_path, state_bytes), state_path))
-        pending.append((_write_temp(weights_path, weights_bytes), weights_path))
-        pending.append((_write_temp(meta_path, meta_bytes), meta_path))
-        while pending:
-            tmp, final = pending[0]
-            os.replace(tmp, final)
-            pending.pop(0)
-    finally:
-        for tmp, _ in pending:
-            _unlink_quietly(tmp)
-    if state_bytes is None:
-        _unlink_quietly(state_path)  # a stale train state from an earlier save of this tag
-    _fsync_dir(directory)
+        # 1. every file under its unique name; the previous checkpoint is untouched
+        for suffix, data in (*files, (META_SUFFIX, meta_bytes)):
+            written.append(_pending_path(directory, tag, save_id, suffix))
+            _write_new(written[-1], data)
+        meta_written = True
+        _fsync_dir(directory)
+        # 2. the commit: from here on {tag} is this save
+        os.replace(meta_new, meta_path)
+        _fsync_dir(directory)
+        # 3. the plain names (a kill here is finished by the loader / clean_checkpoint_dir)
+        for suffix, _ in files:
+            os.replace(_pending_path(directory, tag, save_id, suffix), directory / f"{tag}{suffix}")
+        if state_bytes is None:
+            _unlink_quietly(state_path)  # a stale train state from an earlier save of this tag
+        _remove_pending(directory, tag)  # files of earlier saves of this tag left by a kill
+        _fsync_dir(directory)
+    except BaseException:
+        if not meta_written or os.path.lexists(meta_new):  # not committed: drop it all
+            for new_path in written:
+                _unlink_quietly(new_path)
+        raise
     return weights_path
+
+
+def _pending_path(directory: Path, tag: str, save_id: str, suffix: str) -> Path:
+    return directory / f".{tag}.{save_id}{suffix}"
+
+
+def _pending_files(directory: Path) -> list[tuple[Path, str, str, str]]:
+    """``(path, tag, save_id, suffix)`` of every file of an unfinished save in ``directory``."""
+    out = []
+    try:
+        names = [p for p in directory.iterdir() if p.name.startswith(".")]
+    except OSError:
+        return []
+    for p in names:
+        m = _PENDING.match(p.name)
+        if m is not None:
+            out.append((p, m["tag"], m["sid"], m["suffix"]))
+    return out
+
+
+def _remove_pending(directory: Path, tag: str) -> None:
+    for p, t, _, _ in _pending_files(directory):
+        if t == tag:
+            _unlink_quietly(p)
+
+
+def clean_checkpoint_dir(directory: str | os.PathLike[str]) -> None:
+    """Finish or discard what interrupted saves left in ``directory``.
+
+    The renames of a committed save (its ``{tag}.json`` holds the save id) are completed;
+    the files of an uncommitted or superseded save, and stale ``.*.tmp`` files of atomic
+    writes, are removed. Complete checkpoints are never touched. Run it when no other
+    process writes to ``directory`` (the trainer does, at start, on the main rank).
+    """
+    directory = Path(directory)
+    for p, tag, sid, suffix in _pending_files(directory):
+        if suffix != META_SUFFIX:
+            try:
+                committed = _read_meta(directory / f"{tag}{META_SUFFIX}").get("save_id") == sid
+            except CheckpointError:
+                committed = False
+            if committed:
+                os.replace(p, directory / f"{tag}{suffix}")
+                continue
+        _unlink_quietly(p)
+    try:
+        stale = [
+            p for p in directory.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")
+        ]
+    except OSError:
+        stale = []
+    for p in stale:
+        if p.is_file():
+            _unlink_quietly(p)
+    _fsync_dir(directory)
 
 
 # --------------------------------------------------------------------------------------
@@ -354,20 +450,44 @@ def _read_meta(meta_path: Path) -> dict[str, Any]:
     return meta
 
 
+def _file_of(directory: Path, tag: str, save_id: Any, suffix: str) -> Path:
+    """Where the ``suffix`` file of save ``save_id`` of ``tag`` is: its unique name while the
+    save's last renames are unfinished, else its plain name."""
+    if isinstance(save_id, str) and re.fullmatch(r"[0-9a-f]{32}", save_id):
+        pending = _pending_path(directory, tag, save_id, suffix)
+        if pending.is_file():
+            return pending
+    return directory / f"{tag}{suffix}"
+
+
 def list_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[str, int]]:
     """``(tag, iteration)`` of every checkpoint with readable metadata, oldest first."""
     directory = Path(directory)
     found = []
     for meta_path in directory.glob(f"*{META_SUFFIX}"):
         tag = meta_path.name[: -len(META_SUFFIX)]
-        if tag.startswith(".") or not (directory / f"{tag}{WEIGHTS_SUFFIX}").is_file():
+        if tag.startswith("."):
             continue
         try:
             meta = _read_meta(meta_path)
-        except CheckpointError:
+            mtime = meta_path.stat().st_mtime
+        except (CheckpointError, OSError):
             continue
-        found.append((meta_path.stat().st_mtime, int(meta["iteration"]), tag))
+        if not _file_of(directory, tag, meta.get("save_id"), WEIGHTS_SUFFIX).is_file():
+            continue
+        found.append((mtime, int(meta["iteration"]), tag))
     return [(tag, it) for _, it, tag in sorted(found, key=lambda x: (x[1], x[0]))]
+
+
+def checkpoint_iteration(directory: str | os.PathLike[str], tag: str = "latest") -> int | None:
+    """The iteration of the committed checkpoint ``tag`` in ``directory`` (None: there is none).
+
+    Reads the metadata only; :func:`load_checkpoint` verifies the files.
+    """
+    try:
+        return int(_read_meta(Path(directory) / f"{tag}{META_SUFFIX}")["iteration"])
+    except (CheckpointError, TypeError, ValueError):
+        return None
 
 
 def _candidates(path: str | os.PathLike[str], tag: str) -> list[tuple[Path, str]]:
@@ -380,6 +500,10 @@ def _candidates(path: str | os.PathLike[str], tag: str) -> list[tuple[Path, str]
                 f"not a checkpoint file: {path} (expected *{WEIGHTS_SUFFIX}, *{META_SUFFIX} "
                 f"or *{STATE_SUFFIX})"
             )
+        # a missing file is missing, unless its checkpoint is committed (the file still has
+        # its unique name: the save's last renames were interrupted)
+        if not path.is_file() and not (split[0] / f"{split[1]}{META_SUFFIX}").is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
         return [split]
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -432,11 +556,32 @@ def _load_state(state_path: Path) -> dict[str, Any]:
     return state
 
 
+def _load_lone_weights(
+    weights_path: Path, tag: str
+) -> tuple[dict[str, Tensor], dict[str, Any], None]:
+    """A ``.safetensors`` file without its JSON: the weights, and what its header records."""
+    tensors, st_meta = _load_weights(weights_path)
+    it = st_meta.get("iteration")
+    meta: dict[str, Any] = {
+        "iteration": int(it) if isinstance(it, str) and it.isdigit() else None,
+        "tag": tag,
+        "has_metadata": False,
+    }
+    if st_meta.get("save_id"):
+        meta["save_id"] = st_meta["save_id"]
+    return tensors, meta, None
+
+
 def _load_tag(
     directory: Path, tag: str, load_train_state: bool
 ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
-    weights_path, meta_path, state_path = _paths(directory, tag)
+    _, meta_path, _ = _paths(directory, tag)
+    plain_weights = directory / f"{tag}{WEIGHTS_SUFFIX}"
+    if not meta_path.exists() and plain_weights.is_file():
+        return _load_lone_weights(plain_weights, tag)  # metadata is optional for the weights
     meta = _read_meta(meta_path)
+    it, sid = meta["iteration"], meta.get("save_id")
+    weights_path = _file_of(directory, tag, sid, WEIGHTS_SUFFIX)
     tensors, st_meta = _load_weights(weights_path)
 
     def mismatch(other: Path, field: str, a: Any, b: Any) -> CheckpointError:
@@ -445,7 +590,6 @@ def _load_tag(
             f"{meta_path.name} has {field} {a} but {other.name} has {b}"
         )
 
-    it, sid = meta["iteration"], meta.get("save_id")
     if "iteration" in st_meta and str(it) != st_meta["iteration"]:
         raise mismatch(weights_path, "iteration", it, st_meta["iteration"])
     if sid is not None and st_meta.get("save_id") not in (None, sid):
@@ -461,6 +605,7 @@ def _load_tag(
             )
 
     train_state = None
+    state_path = _file_of(directory, tag, sid, STATE_SUFFIX)
     if load_train_state and meta.get("has_train_state", state_path.is_file()):
         train_state = _load_state(state_path)
         if train_state.get("iteration") != it:
@@ -477,17 +622,24 @@ def load_checkpoint(
 
     The files of a checkpoint must agree (iteration and save id), else CheckpointError. In
     a folder without a ``latest`` tag, ``tag="latest"`` picks the newest checkpoint that
-    loads consistently, skipping one left inconsistent by an interrupted save.
+    loads consistently, skipping one left inconsistent by an interrupted save. A lone
+    ``.safetensors`` file (no JSON next to it) loads as weights only: ``meta`` then holds
+    ``has_metadata: False`` and the iteration its header records (or None).
     """
     candidates = _candidates(path, tag)
     errors: list[str] = []
     for directory, cand in candidates:
-        try:
-            return _load_tag(directory, cand, load_train_state)
-        except CheckpointError as e:
-            if len(candidates) == 1:
-                raise
-            errors.append(str(e))
+        for attempt in range(2):
+            try:
+                return _load_tag(directory, cand, load_train_state)
+            except CheckpointError as e:
+                # a concurrent save may have renamed a file between finding and reading it
+                if attempt == 0 and "not found" in str(e):
+                    continue
+                if len(candidates) == 1:
+                    raise
+                errors.append(str(e))
+                break
     raise CheckpointError(f"no valid checkpoint in {path}:\n  " + "\n  ".join(errors))
 
 

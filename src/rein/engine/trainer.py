@@ -6,6 +6,17 @@ validation), atomically. A run restarted with the same output directory resumes 
 ``latest`` and ends bit-identical to an uninterrupted run, because everything random is a
 function of (seed, iteration): the order of samples, their augmentation, and the loss's point
 sampling. Multi-GPU / multi-node runs are launched with ``torchrun`` and use DDP.
+
+Crash safety: a checkpoint save is atomic (``rein.engine.checkpoint``), so a run killed at any
+moment resumes from the newest complete checkpoint; at start the trainer finishes or discards
+what a killed save left. Before anything is written to an existing run, the config is compared
+with the one the checkpoint was trained with: changes to the model, the training data, the
+optimizer, the schedule (``train.max_iters`` included), the seed, precision, EMA or
+``grad_accum`` are refused (:class:`ResumeConfigError`, naming the keys); the intervals, the
+evaluation settings and validation sets, ``data.num_workers``, ``train.deterministic``, ``name``
+and ``output_dir`` may change. ``metrics.jsonl`` rows (and TensorBoard events) logged after
+the resumed checkpoint are dropped. Ctrl-C raises :class:`TrainingInterrupted` (a
+``KeyboardInterrupt``) whose message names the iteration and the last checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import functools
 import json
 import math
 import random
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -26,9 +38,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rein.config import Config, config_to_dict, save_config
+from rein.config import Config, config_from_dict, config_to_dict, save_config
 from rein.engine.checkpoint import (
+    CheckpointError,
+    _json_bytes,
+    atomic_write_bytes,
     capture_rng_state,
+    checkpoint_iteration,
+    clean_checkpoint_dir,
     list_checkpoints,
     load_checkpoint,
     load_into,
@@ -41,7 +58,16 @@ from rein.engine.ema import WeightEMA
 from rein.engine.evaluate import evaluate_domains
 from rein.engine.optim import build_optimizer, build_schedules
 
-__all__ = ["train", "StreamSampler", "SeededStream", "build_train_set", "build_val_sets", "run_dir"]
+__all__ = [
+    "train",
+    "StreamSampler",
+    "SeededStream",
+    "build_train_set",
+    "build_val_sets",
+    "run_dir",
+    "ResumeConfigError",
+    "TrainingInterrupted",
+]
 
 
 # -- data stream -------------------------------------------------------------------------------
@@ -238,6 +264,146 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / cfg.name
 
 
+# -- resuming honestly -------------------------------------------------------------------------
+class ResumeConfigError(ValueError):
+    """The config differs from the run's in keys that a resume cannot honour."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; ``str()`` is the one line to show (iteration, last checkpoint)."""
+
+    def __init__(self, iteration: int, checkpoint: int | None, out_dir: Path) -> None:
+        self.iteration, self.checkpoint, self.out_dir = iteration, checkpoint, out_dir
+        if checkpoint is None:
+            what = (
+                f"no checkpoint was written yet in {out_dir}; run the same command to start again"
+            )
+        else:
+            what = (
+                f"the last checkpoint is iteration {checkpoint} in {out_dir}; run the same "
+                "command to resume"
+            )
+        super().__init__(f"interrupted at iteration {iteration}; {what}")
+
+
+# Keys a resume may change: how often to log / validate / save, how to evaluate, where the run
+# lives, how data is loaded. Everything else (model, training data, optimizer, schedule,
+# iterations, seed, precision, EMA) shaped the iterations already trained.
+_RESUME_FREE = (
+    "name",
+    "output_dir",
+    "train.log_interval",
+    "train.val_interval",
+    "train.checkpoint_interval",
+    "train.deterministic",
+    "data.num_workers",
+    "data.val",
+    "eval",
+)
+_SUBSET_SEED = re.compile(r"^data\.train\[\d+\]\.subset\.seed$")  # checked by _subset_seeds
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys (``data.train[0].options.size``) -> leaf values."""
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
+        for i, v in enumerate(obj):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = obj
+    return out
+
+
+def _free(key: str) -> bool:
+    return any(key == k or key.startswith((k + ".", k + "[")) for k in _RESUME_FREE)
+
+
+def _saved_config(out: Path, meta: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The config the resumed checkpoint was trained with (its metadata's, else config.yaml)."""
+    if isinstance(meta.get("config"), dict):
+        return meta["config"], f"{out / 'latest.json'}"
+    path = out / "config.yaml"
+    if path.is_file():
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            data = None
+        if isinstance(data, dict):
+            return data, str(path)
+    return None, ""
+
+
+def _check_resume_config(cfg: Config, out: Path, meta: dict[str, Any], start: int) -> list[str]:
+    """Refuse (one line naming the keys) a resume whose config changes what was trained;
+    return the changes it accepts (``"key old -> new"``)."""
+    saved, source = _saved_config(out, meta)
+    if saved is None:
+        return []
+    new = json.loads(_json_bytes(config_to_dict(cfg)))
+    common_only = False
+    try:  # fill in the defaults of keys added since the run was saved
+        old = json.loads(_json_bytes(config_to_dict(config_from_dict(saved))))
+    except Exception:  # keys of another rein version: compare the shared ones
+        old, common_only = json.loads(_json_bytes(saved)), True
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(set(a) & set(b)) if common_only else sorted(set(a) | set(b))
+    unset = "(unset)"
+
+    def show(v: Any) -> str:
+        return v if v is unset else json.dumps(v)
+
+    diffs = [
+        (k, a.get(k, unset), b.get(k, unset)) for k in keys if a.get(k, unset) != b.get(k, unset)
+    ]
+    changed = [d for d in diffs if not _free(d[0]) and not _SUBSET_SEED.match(d[0])]
+    if not changed:
+        return [f"{k} {show(x)} -> {show(y)}" for k, x, y in diffs if _free(k)]
+
+    shown = ", ".join(f"{k} {show(x)} -> {show(y)}" for k, x, y in changed[:8])
+    if len(changed) > 8:
+        shown += f", ... ({len(changed) - 8} more)"
+    kinds = {
+        "model" if k.startswith("model.") else "data" if k.startswith("data.") else "schedule"
+        for k, _, _ in changed
+    }
+    if kinds & {"model", "data"}:
+        why = "the checkpoint was trained with another model / training data"
+    else:
+        why = (
+            f"the {start} iterations already trained used the saved optimizer, schedule and "
+            "training settings, so the change would not apply to them (max_iters cannot be "
+            "extended in place: the poly schedule of the trained iterations depends on it)"
+        )
+    raise ResumeConfigError(
+        f"cannot resume {out} at iteration {start} with a changed config ({shown}; saved in "
+        f"{source}): {why}; resume with the saved values, or start a new run with another "
+        "name or output_dir, or pass --no-resume to start this one over"
+    )
+
+
+def _truncate_metrics(path: Path, start: int) -> None:
+    """Drop the ``metrics.jsonl`` rows after iteration ``start`` (logged after the checkpoint
+    that is resumed, by a run that was killed) and a row cut short by the kill."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("iter"), int) and row["iter"] <= start:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if keep != lines:
+        atomic_write_bytes(path, "".join(keep).encode("utf-8"))
+
+
 # -- the loop ----------------------------------------------------------------------------------
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -255,7 +421,7 @@ def _autocast(amp: str, device: torch.device):
 class _Logger:
     """JSONL (always) and TensorBoard (when installed) scalars, main rank only."""
 
-    def __init__(self, out: Path, enabled: bool) -> None:
+    def __init__(self, out: Path, enabled: bool, start: int = 0) -> None:
         self.enabled = enabled
         self.tb = None
         if not enabled:
@@ -264,7 +430,8 @@ class _Logger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tb"))
+            # a resumed run hides the events a killed run logged after its last checkpoint
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
         except Exception:  # tensorboard is optional
             self.tb = None
 
@@ -298,6 +465,9 @@ def train(
     ``model``/``train_sets``/``val_sets`` replace the ones the config describes (the demo and
     tests use them). ``stop_after`` ends the run early after that many iterations of this call
     (as an interruption would), after writing ``latest``.
+
+    Raises :class:`ResumeConfigError` (before writing anything) when resuming with a config
+    that changes what was trained, and :class:`TrainingInterrupted` on Ctrl-C.
     """
     from rein.data import build_train_pipeline
     from rein.data.labels import CLASS_NAMES
@@ -306,14 +476,40 @@ def train(
 
     rank, world, _, device = init_distributed()
     out = run_dir(cfg)
+    if is_main() and out.is_dir():
+        clean_checkpoint_dir(out)  # finish / discard what a killed save left
+    barrier()
+    tcfg, seed = cfg.train, cfg.train.seed
+
+    # 1. what to resume: checked against the config before anything is written to the run
+    start, best, live = 0, -math.inf, None
+    resumed_from, recorded_subsets, ckpt = None, None, None
+    if resume and list_checkpoints(out):
+        ckpt = load_checkpoint(out, "latest")
+        state, meta, train_state = ckpt
+        if train_state is None:
+            raise CheckpointError(
+                f"cannot resume {out}: its newest checkpoint ('{meta.get('tag')}') has no "
+                "train state; pass --no-resume to start over"
+            )
+        start = int(meta["iteration"])
+        accepted = _check_resume_config(cfg, out, meta, start)
+        if accepted and is_main():
+            print(f"resuming {out} with a changed {', '.join(accepted)}")
+        best = -math.inf if meta.get("best") is None else float(meta["best"])
+        live = train_state.get("live_weights")
+        resumed_from, recorded_subsets = out / "latest", train_state.get("data_subsets")
+    subset_seeds: tuple[list[int | None], list[str]] | None = None
+    if train_sets is None:
+        subset_seeds = _subset_seeds(cfg, resumed_from, recorded_subsets, world)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    tcfg, seed = cfg.train, cfg.train.seed
+        _truncate_metrics(out / "metrics.jsonl", start)
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    # 1. model (same init on every rank), optimizer, schedule
+    # 2. model (same init on every rank), optimizer, schedule; the resumed state
     _seed_everything(seed)
     if model is None:
         model = build_segmentor(cfg.model)
@@ -321,21 +517,14 @@ def train(
     optimizer = build_optimizer(model, cfg.optim)
     scheduler, wd_schedule = build_schedules(optimizer, cfg.optim, tcfg.max_iters)
     scaler = torch.amp.GradScaler(device.type, enabled=tcfg.amp == "fp16")
-
-    # 2. resume from `latest` when it exists
-    start, best, live = 0, -math.inf, None
-    resumed_from, recorded_subsets = None, None
-    if resume and list_checkpoints(out):
-        state, meta, train_state = load_checkpoint(out, "latest")
+    if ckpt is not None:
+        state, meta, train_state = ckpt
         load_into(model, state)
         optimizer.load_state_dict(train_state["optimizer"])
         scheduler.load_state_dict(train_state["scheduler"])
         scaler.load_state_dict(train_state["scaler"])
         restore_rng_state(train_state["rng"])
-        start = int(meta["iteration"])
-        best = -math.inf if meta.get("best") is None else float(meta["best"])
-        live = train_state.get("live_weights")
-        resumed_from, recorded_subsets = out / "latest", train_state.get("data_subsets")
+        del ckpt, state, train_state
     ema = WeightEMA(model, tcfg.ema_momentum, tcfg.ema_begin_iter) if tcfg.ema_momentum else None
     if start and live is not None:
         # the checkpoint's weights are the average; the live weights train on
@@ -359,7 +548,8 @@ def train(
     if train_sets is not None:
         datasets = train_sets
     else:
-        seeds, how = _subset_seeds(cfg, resumed_from, recorded_subsets, world)
+        assert subset_seeds is not None
+        seeds, how = subset_seeds
         datasets = build_train_set(cfg, seeds)
         subsets = _subset_records(cfg, datasets, how, recorded_subsets)
     crop = cfg.data.crop_size
@@ -402,7 +592,7 @@ def train(
     save = functools.partial(
         _save, cfg, model, optimizer, scheduler, scaler, out, ema, subsets=subsets
     )
-    logger = _Logger(out, is_main())
+    logger = _Logger(out, is_main(), start)
     params = [p for p in model.parameters() if p.requires_grad]
     end = tcfg.max_iters if stop_after is None else min(tcfg.max_iters, start + stop_after)
     bar = None
@@ -414,86 +604,95 @@ def train(
     last_eval: dict[str, Any] = {}
     loss_gen = torch.Generator(device=device)
     t0, it = time.perf_counter(), start
-    for it in range(start, end):
-        logs: dict[str, float] = {}
-        if wd_schedule is not None:
-            wd_schedule.set_iteration(it)
-        for micro in range(tcfg.grad_accum):
-            images, labels = next(batches)
-            images, labels = (
-                images.to(device, non_blocking=True),
-                labels.to(device, non_blocking=True),
-            )
-            loss_gen.manual_seed(seed * 1_000_003 + (it * tcfg.grad_accum + micro) * world + rank)
-            sync = micro == tcfg.grad_accum - 1 or world == 1
-            ctx = nullcontext() if sync else ddp_model.no_sync()  # type: ignore[operator]
-            with ctx, _autocast(tcfg.amp, device):
-                cls_preds, mask_preds = ddp_model(images)
-                losses = model.criterion(cls_preds, mask_preds, labels, generator=loss_gen)  # type: ignore[union-attr, operator]
-            scaler.scale(losses["loss"] / tcfg.grad_accum).backward()
-            for k in ("loss", "loss_cls", "loss_mask", "loss_dice"):
-                logs[k] = logs.get(k, 0.0) + float(losses[k].detach()) / tcfg.grad_accum
-        if cfg.optim.grad_clip:
-            scaler.unscale_(optimizer)
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(it)
-        logs["lr"] = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        done = it + 1
-        if not math.isfinite(logs["loss"]):
-            raise FloatingPointError(
-                f"loss is {logs['loss']} at iteration {done}; lower optim.lr, enable "
-                f"optim.grad_clip, or use train.amp=bf16 instead of fp16"
-            )
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs['lr']:.2e}")
-        if done % tcfg.log_interval == 0 or done == end:
-            logs["sec_per_iter"] = (time.perf_counter() - t0) / max(done - start, 1)
-            logger.log(done, logs)
-
-        evaluated = False
-        if (
-            val_sets
-            and tcfg.val_interval
-            and (done % tcfg.val_interval == 0 or done == tcfg.max_iters)
-        ):
-            with ema.swapped() if ema is not None else nullcontext():
-                last_eval = evaluate_domains(
-                    model,
-                    val_sets,
-                    cfg.model.head.num_classes,
-                    cfg.eval,
-                    class_names=list(CLASS_NAMES)
-                    if cfg.model.head.num_classes == len(CLASS_NAMES)
-                    else None,
-                    device=device,
-                    progress=progress,
-                    distributed=world > 1,
+    try:
+        for it in range(start, end):
+            logs: dict[str, float] = {}
+            if wd_schedule is not None:
+                wd_schedule.set_iteration(it)
+            for micro in range(tcfg.grad_accum):
+                images, labels = next(batches)
+                images, labels = (
+                    images.to(device, non_blocking=True),
+                    labels.to(device, non_blocking=True),
                 )
-            evaluated = True
-            logger.log(
-                done,
-                {
-                    f"val/{k}": (v["mIoU"] if isinstance(v, dict) else v)
-                    for k, v in last_eval.items()
-                },
-            )
-        is_ckpt = done % tcfg.checkpoint_interval == 0 or done == end
-        improved = evaluated and last_eval.get("DG avg", -math.inf) > best
-        if improved:
-            best = float(last_eval["DG avg"])
-        if is_ckpt or evaluated:
-            save(done, best, last_eval, evaluated)
-        if improved:
-            save(done, best, last_eval, True, tag="best")
-    if bar is not None:
-        bar.close()
-    logger.close()
+                loss_gen.manual_seed(
+                    seed * 1_000_003 + (it * tcfg.grad_accum + micro) * world + rank
+                )
+                sync = micro == tcfg.grad_accum - 1 or world == 1
+                ctx = nullcontext() if sync else ddp_model.no_sync()  # type: ignore[operator]
+                with ctx, _autocast(tcfg.amp, device):
+                    cls_preds, mask_preds = ddp_model(images)
+                    losses = model.criterion(cls_preds, mask_preds, labels, generator=loss_gen)  # type: ignore[union-attr, operator]
+                scaler.scale(losses["loss"] / tcfg.grad_accum).backward()
+                for k in ("loss", "loss_cls", "loss_mask", "loss_dice"):
+                    logs[k] = logs.get(k, 0.0) + float(losses[k].detach()) / tcfg.grad_accum
+            if cfg.optim.grad_clip:
+                scaler.unscale_(optimizer)
+                logs["grad_norm"] = float(
+                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                )
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(it)
+            logs["lr"] = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            done = it + 1
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(
+                    f"loss is {logs['loss']} at iteration {done}; lower optim.lr, enable "
+                    f"optim.grad_clip, or use train.amp=bf16 instead of fp16"
+                )
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['loss']:.3f}", lr=f"{logs['lr']:.2e}")
+            if done % tcfg.log_interval == 0 or done == end:
+                logs["sec_per_iter"] = (time.perf_counter() - t0) / max(done - start, 1)
+                logger.log(done, logs)
+
+            evaluated = False
+            if (
+                val_sets
+                and tcfg.val_interval
+                and (done % tcfg.val_interval == 0 or done == tcfg.max_iters)
+            ):
+                with ema.swapped() if ema is not None else nullcontext():
+                    last_eval = evaluate_domains(
+                        model,
+                        val_sets,
+                        cfg.model.head.num_classes,
+                        cfg.eval,
+                        class_names=list(CLASS_NAMES)
+                        if cfg.model.head.num_classes == len(CLASS_NAMES)
+                        else None,
+                        device=device,
+                        progress=progress,
+                        distributed=world > 1,
+                    )
+                evaluated = True
+                logger.log(
+                    done,
+                    {
+                        f"val/{k}": (v["mIoU"] if isinstance(v, dict) else v)
+                        for k, v in last_eval.items()
+                    },
+                )
+            is_ckpt = done % tcfg.checkpoint_interval == 0 or done == end
+            improved = evaluated and last_eval.get("DG avg", -math.inf) > best
+            if improved:
+                best = float(last_eval["DG avg"])
+            if is_ckpt or evaluated:
+                save(done, best, last_eval, evaluated)
+            if improved:
+                save(done, best, last_eval, True, tag="best")
+    except KeyboardInterrupt:
+        # Ctrl-C: a save in progress either completed or left the previous checkpoint intact
+        raise TrainingInterrupted(it + 1, checkpoint_iteration(out), out) from None
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
     if last_eval and is_main():
         write_json_atomic(last_eval, out / "eval_last.json")
     barrier()
