@@ -163,3 +163,27 @@ def test_eval_accepts_trust_pickle_and_warns(tmp_path, capsys):
     assert "mIoU" in out
     warning = [line for line in err.splitlines() if "--trust-pickle" in line]
     assert len(warning) == 1 and warning[0].startswith("WARNING") and "arbitrary code" in err
+
+
+def test_commands_do_not_import_the_cli_module():
+    """cli.py registers the commands of commands.py; the reverse import would be a circle."""
+    import ast
+
+    import rein.commands
+
+    tree = ast.parse(Path(rein.commands.__file__).read_text())
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    } | {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert "rein.cli" not in imported
+
+
+def test_train_work_dir_pointing_at_a_file_is_one_line(tmp_path, capsys):
+    from conftest import tiny_run
+
+    config, _ = tiny_run(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["train", str(config), "--work-dir", str(blocker), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--work-dir" in err[0] and "existing file" in err[0]

@@ -6,44 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from rein.config import resolve_config  # re-exported: rein.cli.resolve_config
+
 __all__ = ["main", "resolve_config"]
-
-
-def _repo_configs() -> list[Path]:
-    here = Path(__file__).resolve()
-    return [Path.cwd() / "configs", here.parents[2] / "configs"]
-
-
-def resolve_config(spec: str, overrides: list[str] | None = None):
-    """A :class:`Config` from a YAML path, a name in ``configs/``, or a timm backbone name."""
-    from rein.config import ConfigError, config_to_dict, default_config, load_config
-
-    overrides = list(overrides or [])
-    path = Path(spec)
-    if path.is_file():
-        return load_config(path, overrides)
-    for folder in _repo_configs():
-        for cand in (folder / spec, folder / f"{spec}.yaml"):
-            if cand.is_file():
-                return load_config(cand, overrides)
-    if path.suffix in (".yaml", ".yml"):
-        raise ConfigError(f"config file not found: {spec}")
-    import timm
-
-    if timm.is_model(spec):
-        from rein.config import apply_overrides, config_from_dict
-
-        data = config_to_dict(default_config())
-        data["model"]["backbone"]["name"] = spec
-        return config_from_dict(apply_overrides(data, overrides))
-    names = sorted(p.stem for f in _repo_configs() if f.is_dir() for p in f.glob("*.yaml"))
-    import difflib
-
-    close = difflib.get_close_matches(spec, names + timm.list_models(), n=4, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ConfigError(
-        f"'{spec}' is neither a config file, a name in configs/, nor a timm model{hint}"
-    )
 
 
 # -- params ------------------------------------------------------------------------------------

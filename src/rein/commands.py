@@ -10,12 +10,12 @@ __all__ = ["register"]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rein.cli import resolve_config
+    from rein.config import resolve_config
     from rein.engine.trainer import train
 
     cfg = resolve_config(args.config, args.set)
     if args.work_dir:
-        cfg.output_dir = args.work_dir
+        cfg.output_dir = str(_check_out_dir(args.work_dir, "--work-dir"))
     from rein.engine.distributed import is_main
 
     try:
@@ -158,7 +158,7 @@ def _print_eval(results: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rein.cli import resolve_config
+    from rein.config import resolve_config
     from rein.data.labels import CLASS_NAMES
     from rein.engine.checkpoint import write_json_atomic
     from rein.engine.evaluate import evaluate_domains
@@ -256,7 +256,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from rein.cli import resolve_config
+    from rein.config import resolve_config
     from rein.data.errors import DataError
     from rein.data.inputs import eval_input, find_images, output_names
     from rein.data.io import read_image
@@ -334,7 +334,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import sys
 
-    from rein.cli import resolve_config
+    from rein.config import resolve_config
     from rein.export import ExportError, export_segmentor
     from rein.methods import TuningMethod, merge_model
 
@@ -376,7 +376,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from rein.cli import resolve_config
+    from rein.config import resolve_config
     from rein.methods import merge_model, plain_backbone_state
 
     cfg = resolve_config(args.config, args.set)

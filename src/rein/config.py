@@ -48,6 +48,7 @@ __all__ = [
     "load_config",
     "save_config",
     "apply_overrides",
+    "resolve_config",
 ]
 
 AMP_MODES = ("none", "bf16", "fp16")
@@ -756,3 +757,37 @@ def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# -- what the command line accepts as a config -------------------------------------------------
+def _repo_configs() -> list[Path]:
+    here = Path(__file__).resolve()
+    return [Path.cwd() / "configs", here.parents[2] / "configs"]
+
+
+def resolve_config(spec: str, overrides: list[str] | None = None) -> Config:
+    """A :class:`Config` from a YAML path, a name in ``configs/`` (of the working directory or
+    the repository), or a timm backbone name (the default config on that backbone), with
+    ``--set KEY=VALUE`` overrides."""
+    overrides = list(overrides or [])
+    path = Path(spec)
+    if path.is_file():
+        return load_config(path, overrides)
+    for folder in _repo_configs():
+        for cand in (folder / spec, folder / f"{spec}.yaml"):
+            if cand.is_file():
+                return load_config(cand, overrides)
+    if path.suffix in (".yaml", ".yml"):
+        raise ConfigError(f"config file not found: {spec}")
+    import timm
+
+    if timm.is_model(spec):
+        data = config_to_dict(default_config())
+        data["model"]["backbone"]["name"] = spec
+        return config_from_dict(apply_overrides(data, overrides))
+    names = sorted(p.stem for f in _repo_configs() if f.is_dir() for p in f.glob("*.yaml"))
+    close = difflib.get_close_matches(spec, names + timm.list_models(), n=4, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"'{spec}' is neither a config file, a name in configs/, nor a timm model{hint}"
+    )
