@@ -187,3 +187,33 @@ def test_train_work_dir_pointing_at_a_file_is_one_line(tmp_path, capsys):
     assert main(["train", str(config), "--work-dir", str(blocker), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--work-dir" in err[0] and "existing file" in err[0]
+
+
+def test_a_random_backbone_checkpoint_needs_its_init_seed(tmp_path):
+    """weights: null draws the frozen backbone from model.backbone.init_seed: a checkpoint
+    trained with seed 0 evaluated with seed 3 would silently run on other frozen weights."""
+    from dataclasses import asdict
+
+    from conftest import tiny_model_config
+
+    from rein import commands
+    from rein.config import resolve_config
+    from rein.engine.checkpoint import CheckpointError, save_checkpoint
+
+    model_cfg = asdict(tiny_model_config())
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump({"model": model_cfg}))
+    cfg = resolve_config(str(cfg_path))
+    from rein.segmentor import build_segmentor
+
+    model = build_segmentor(cfg.model, with_criterion=False)
+    save_checkpoint(
+        tmp_path / "ckpt",
+        "latest",
+        model.trainable_state_dict(),
+        {"iteration": 0, "config": {"model": model_cfg}},
+    )
+    commands._load_model(cfg, str(tmp_path / "ckpt"))  # the same seed: loads
+    other = resolve_config(str(cfg_path), ["model.backbone.init_seed=3"])
+    with pytest.raises(CheckpointError, match=r"init_seed 0, but the config draws it from 3"):
+        commands._load_model(other, str(tmp_path / "ckpt"))

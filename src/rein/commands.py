@@ -49,27 +49,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_model(cfg, checkpoint: str, trust_pickle: bool = False):
-    from rein.engine.checkpoint import load_checkpoint, load_into
+    from rein.engine.checkpoint import CheckpointError, load_checkpoint, load_into
     from rein.segmentor import build_segmentor
 
     if trust_pickle:
         _warn_trust_pickle()
-    model = build_segmentor(cfg.model, with_criterion=False)
     path = Path(checkpoint)
     if path.suffix == ".pth":  # an official (mmseg) checkpoint
         from rein.interop import load_official
 
+        model = build_segmentor(cfg.model, with_criterion=False)
         load_official(model, path, trust_pickle=trust_pickle)
-    else:
-        from rein.engine.checkpoint import CheckpointError
-        from rein.methods import check_checkpoint_method
+        return model.eval()
+    from rein.methods import check_checkpoint_method
 
-        state, meta, _ = load_checkpoint(path, "latest", load_train_state=False)
-        check_checkpoint_method(meta, cfg.model, str(path))
-        try:
-            load_into(model, state)
-        except CheckpointError as exc:
-            raise CheckpointError(f"{path}: {exc}") from None
+    # read and check the checkpoint before building (SoMA / RecycleLoRA builds decompose weights)
+    state, meta, _ = load_checkpoint(path, "latest", load_train_state=False)
+    check_checkpoint_method(meta, cfg.model, str(path))
+    _check_random_backbone(meta, cfg.model, str(path))
+    model = build_segmentor(cfg.model, with_criterion=False)
+    try:
+        load_into(model, state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     return model.eval()
 
 
@@ -140,6 +142,23 @@ def _check_out_file(path: str | Path, flag: str = "--out") -> Path:
                 raise ValueError(f"{flag} {path}: {p} is an existing file, not a folder")
             break
     return path
+
+
+def _check_random_backbone(meta, model_cfg, src: str) -> None:
+    """A checkpoint trained on a random backbone (``weights: null``) only fits the frozen weights
+    drawn from the same ``model.backbone.init_seed``: refuse another seed in one line."""
+    from rein.engine.checkpoint import CheckpointError
+
+    saved = ((meta.get("config") or {}).get("model") or {}).get("backbone") or {}
+    if model_cfg.backbone.weights is not None or saved.get("weights", None) is not None:
+        return
+    theirs = saved.get("init_seed", 0)
+    if "init_seed" in saved and theirs != model_cfg.backbone.init_seed:
+        raise CheckpointError(
+            f"{src} was trained on a random backbone drawn from model.backbone.init_seed "
+            f"{theirs}, but the config draws it from {model_cfg.backbone.init_seed}; add --set "
+            f"model.backbone.init_seed={theirs}"
+        )
 
 
 def _print_eval(results: dict) -> None:
