@@ -136,6 +136,19 @@ def test_resume_restores_best(runs):
         assert torch.equal(wa[k], wb[k]), k
 
 
+def _uninterrupted_and_resumed(cfg, tmp_path: Path, stop_after: int):
+    """(weights, train state) of ``latest`` after run "a" straight through and run "b" stopped
+    after ``stop_after`` iterations and resumed; ``cfg(out)`` builds the config."""
+    trainer.train(cfg(tmp_path / "a"), progress=False)
+    trainer.train(cfg(tmp_path / "b"), progress=False, stop_after=stop_after)
+    trainer.train(cfg(tmp_path / "b"), progress=False)
+    out = []
+    for run in ("a", "b"):
+        weights, _, state = load_checkpoint(tmp_path / run / "tiny", "latest")
+        out.append((weights, state))
+    return out
+
+
 def test_resume_with_drop_path_is_bit_identical(tmp_path):
     """Full fine-tuning with drop-path draws from torch's global RNG during training.
 
@@ -148,11 +161,7 @@ def test_resume_with_drop_path_is_bit_identical(tmp_path):
         c.model.backbone.timm_kwargs["drop_path_rate"] = 0.3
         return c
 
-    trainer.train(cfg(tmp_path / "a"), progress=False)
-    trainer.train(cfg(tmp_path / "b"), progress=False, stop_after=1)
-    trainer.train(cfg(tmp_path / "b"), progress=False)
-    wa, _, _ = load_checkpoint(tmp_path / "a" / "tiny", "latest")
-    wb, _, _ = load_checkpoint(tmp_path / "b" / "tiny", "latest")
+    (wa, _), (wb, _) = _uninterrupted_and_resumed(cfg, tmp_path, stop_after=1)
     differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not differ, (
         "resumed drop-path run differs from the uninterrupted one: the DataLoader iterator, "
@@ -178,11 +187,7 @@ def test_weight_space_adapter_run_with_ema_resumes_bit_identical(tmp_path, tunin
         c.train.ema_momentum, c.train.ema_begin_iter = 0.3, 1
         return c
 
-    trainer.train(cfg(tmp_path / "a"), progress=False)
-    trainer.train(cfg(tmp_path / "b"), progress=False, stop_after=2)
-    trainer.train(cfg(tmp_path / "b"), progress=False)
-    wa, _, sa = load_checkpoint(tmp_path / "a" / "tiny", "latest")
-    wb, _, sb = load_checkpoint(tmp_path / "b" / "tiny", "latest")
+    (wa, sa), (wb, sb) = _uninterrupted_and_resumed(cfg, tmp_path, stop_after=2)
     assert wa.keys() == wb.keys() and any(".lora_" in k for k in wa)
     assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
     live_a, live_b = sa["live_weights"], sb["live_weights"]
