@@ -15,6 +15,8 @@
                qkv / proj / fc1 / fc2 in blocks >= 8 (``rank``, ``start_block``, ``init``).
 ``recyclelora`` RecycleLoRA: main (minor) + sub (major) adapters from a pivoted QR of every
                qkv / proj / fc1 / fc2 (``r_max`` 36, ``r_main`` 32, ``alpha`` 1).
+``fada``       FADA: Rein on a Haar split of the features (low band C/4, high band 3C/4
+               with instance norm); ``wavelet_mode`` faithful (official) or fixed.
 =============  ==========================================================================
 
 Adding a method is one new file with a :class:`TuningMethod` subclass and a line in
@@ -31,6 +33,7 @@ from torch import nn
 
 from rein.methods.adaptformer import AdaptFormerMethod
 from rein.methods.base import NoOptions, TuningMethod, parse_options, strip_merged_wrappers
+from rein.methods.fada import FADAMethod
 from rein.methods.frozen import FrozenMethod
 from rein.methods.full import FullMethod
 from rein.methods.lora import LoRAMethod
@@ -62,6 +65,7 @@ _BUILTIN: tuple[type[TuningMethod], ...] = (
     AdaptFormerMethod,
     SoMAMethod,
     RecycleLoRAMethod,
+    FADAMethod,
 )
 METHODS: dict[str, type[TuningMethod]] = {cls.name: cls for cls in _BUILTIN}
 

@@ -22,6 +22,16 @@ if TYPE_CHECKING:
 
 __all__ = ["ReinMethod", "build_reins", "build_stage_reins"]
 
+#: keys of the two-branch successors (FADA, SET), which no Rein checkpoint has
+_TWO_BRANCH_KEYS = (
+    "backbone.reins.learnable_tokens2",
+    "backbone.reins.learnable_tokens_a2",
+    "backbone.reins.learnable_tokens_b2",
+    "backbone.reins.mlp_token2feat2.",
+    "backbone.reins.mlp_delta_f2.",
+    "backbone.reins.wavepool.",
+)
+
 
 def build_reins(
     rein_cfg: ReinConfig, num_layers: int, embed_dims: int, patch_size: int, query_dims: int
@@ -86,4 +96,8 @@ class ReinMethod(TuningMethod):
 
     @classmethod
     def claims_official(cls, keys: Collection[str]) -> bool:
-        return any(k.startswith("backbone.reins.") for k in keys)
+        # FADA's official module is also ``backbone.reins.*``: its second token set is not Rein
+        keys = list(keys)
+        return any(k.startswith("backbone.reins.") for k in keys) and not any(
+            k.startswith(_TWO_BRANCH_KEYS) for k in keys
+        )
