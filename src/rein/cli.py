@@ -129,6 +129,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+class _PrecisionOverride(argparse.Action):
+    """``--precision X``: the same as ``--set model.precision=X``."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        overrides = list(getattr(namespace, "set", None) or [])
+        namespace.set = [*overrides, f"model.precision={values}"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rein",
@@ -143,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=[],
             metavar="KEY=VALUE",
             help="override a config value, e.g. --set train.max_iters=100 (repeatable)",
+        )
+        p.add_argument(
+            "--precision",
+            choices=("fp32", "bf16"),
+            action=_PrecisionOverride,
+            help="model.precision: bf16 stores the frozen backbone weights in bfloat16 and runs "
+            "under bf16 autocast (trainable weights stay float32)",
         )
 
     p = sub.add_parser("params", help="count total / trainable / frozen parameters per group")

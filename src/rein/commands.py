@@ -361,6 +361,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     _check_out_file(args.out)
+    if cfg.model.precision == "bf16" and args.format == "onnx":
+        raise ValueError(
+            "ONNX export of a bf16 model (model.precision: bf16) is not supported (torch.export "
+            "cannot capture the autocast region): export with --precision fp32, or use "
+            "--format torchscript"
+        )
     height = args.height or cfg.eval.crop_size
     width = args.width or cfg.eval.crop_size
     model = _load_model(cfg, args.checkpoint, trust_pickle=args.trust_pickle)
@@ -427,6 +433,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         compare=args.compare,
         quick=args.quick,
         progress=not args.no_progress,
+        precision=args.precision,
     )
     return 0
 
@@ -562,6 +569,12 @@ def register(sub, add_set) -> None:
     )
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: frozen backbone weights in bfloat16, bf16 autocast (model.precision)",
+    )
     p.set_defaults(func=cmd_demo)
 
 

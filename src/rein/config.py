@@ -28,6 +28,7 @@ import yaml
 
 __all__ = [
     "AMP_MODES",
+    "PRECISIONS",
     "EVAL_MODES",
     "ConfigError",
     "BackboneConfig",
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 AMP_MODES = ("none", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16")
 EVAL_MODES = ("slide", "whole")
 
 
@@ -151,6 +153,10 @@ class ModelConfig:
     rein: ReinConfig = field(default_factory=ReinConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # "bf16": the frozen backbone's Linear / Conv weights are stored in bfloat16 (cast once, after
+    # loading) and the forward runs under bf16 autocast; trainable weights, optimizer state,
+    # losses and checkpoints stay float32. "fp32": everything in float32 (official parity).
+    precision: str = field(default="fp32", metadata=_choices(*PRECISIONS))
 
 
 @dataclass

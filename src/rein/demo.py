@@ -98,6 +98,7 @@ class DemoSettings:
     num_shown: int = 5  # target images in predictions.png
     workers: int = 2  # processes that render scenes (0: in-process)
     seed: int = 0
+    precision: str = "fp32"  # model.precision of every method (bf16: frozen weights in bf16)
 
 
 DEFAULT = DemoSettings()
@@ -192,6 +193,7 @@ def demo_config(
                     "num_decoder_layers": settings.num_decoder_layers,
                 },
                 "loss": {"num_points": settings.num_points},
+                "precision": settings.precision,
             },
             "data": {
                 "train": [
@@ -571,6 +573,7 @@ def run_demo(
     compare: bool = False,
     quick: bool = False,
     progress: bool = True,
+    precision: str | None = None,
     settings: DemoSettings | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -583,9 +586,12 @@ def run_demo(
         compare: also train full fine-tuning, LoRA, SoMA and RecycleLoRA with the same budget.
         quick: the tiny smoke-test settings (:data:`QUICK`).
         settings: explicit settings (overrides ``quick``).
+        precision: ``model.precision`` of every method ("fp32" or "bf16"; None: the settings').
     """
     t_start = time.perf_counter()
     settings = settings or (QUICK if quick else DEFAULT)
+    if precision is not None:
+        settings = dataclasses.replace(settings, precision=precision)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     methods = ["frozen", "rein"] + (list(COMPARED) if compare else [])

@@ -24,7 +24,7 @@ from rein.backbones.base import ReinBackbone
 from rein.heads.mask2former import Mask2FormerHead
 from rein.losses import Mask2FormerCriterion
 
-__all__ = ["Segmentor", "build_segmentor", "slide_windows"]
+__all__ = ["Segmentor", "build_segmentor", "slide_windows", "store_frozen_weights"]
 
 
 class Segmentor(nn.Module):
@@ -41,19 +41,32 @@ class Segmentor(nn.Module):
         criterion: Mask2FormerCriterion | None = None,
         num_classes: int = 19,
         window_batch: int = 4,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.backbone = backbone
         self.decode_head = decode_head
         self.criterion = criterion
         self.num_classes = num_classes
         self.window_batch = window_batch
+        self.precision = precision
 
     # -- training -----------------------------------------------------------------------------
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Images (B, 3, H, W) -> per-layer class logits (B, Q, K+1) and masks (B, Q, H/4, W/4)."""
-        feats, queries = self.backbone(images)
-        return self.decode_head(feats, queries)
+        """Images (B, 3, H, W) -> per-layer class logits (B, Q, K+1) and masks (B, Q, H/4, W/4).
+
+        With ``precision="bf16"`` the model runs under bf16 autocast and the predictions are
+        returned in float32 (the losses and scores are computed in float32).
+        """
+        if self.precision == "fp32":
+            feats, queries = self.backbone(images)
+            return self.decode_head(feats, queries)
+        with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16):
+            feats, queries = self.backbone(images)
+            cls_preds, mask_preds = self.decode_head(feats, queries)
+        return [c.float() for c in cls_preds], [m.float() for m in mask_preds]
 
     def loss(
         self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None
@@ -206,6 +219,32 @@ def build_segmentor(model_cfg, load_weights: bool = True, with_criterion: bool =
             oversample_ratio=lc.oversample_ratio,
             importance_sample_ratio=lc.importance_sample_ratio,
         )
-    model = Segmentor(backbone, head, criterion, num_classes=hcfg.num_classes)
+    precision = getattr(model_cfg, "precision", "fp32")
+    model = Segmentor(backbone, head, criterion, num_classes=hcfg.num_classes, precision=precision)
     apply_tuning(model, method)
+    if precision == "bf16":
+        store_frozen_weights(model, torch.bfloat16)
     return model
+
+
+_WEIGHT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def store_frozen_weights(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast, in place, the frozen (``requires_grad=False``) weights and biases of every Linear /
+    Conv layer of ``model.backbone`` to ``dtype``; returns how many tensors were cast.
+
+    These hold nearly all of a foundation model's parameters; norms, embeddings, LayerScale and
+    every trainable tensor keep their dtype. Under autocast the matmuls then read the stored
+    weights directly instead of casting them on every call.
+    """
+    cast = 0
+    for module in model.backbone.modules():  # type: ignore[union-attr]
+        if not isinstance(module, _WEIGHT_MODULES):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.requires_grad or not param.is_floating_point() or param.dtype == dtype:
+                continue
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
