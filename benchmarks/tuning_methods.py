@@ -21,7 +21,11 @@ frozen backbone. Each method runs in its own process, one after another, so thei
 peaks do not mix. Absolute times are noisy on a shared machine; compare the ratios.
 
     python benchmarks/tuning_methods.py --backbone l --size 512
+    python benchmarks/tuning_methods.py --backbone l --methods rein frozen full --precision fp32 bf16
     python benchmarks/tuning_methods.py --backbone s --sweep
+
+``--precision fp32 bf16`` measures every method in both ``model.precision`` modes (bf16: frozen
+weights stored in bfloat16, bf16 autocast) and adds a table of the bf16 / fp32 ratios.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ def measure(
     batch: int,
     infer_steps: int,
     queue,
+    precision: str = "fp32",
 ) -> None:
     """Run in a child process; put a result dict on ``queue``."""
     import torch
@@ -78,6 +83,7 @@ def measure(
     cfg.model.backbone.img_size = size
     cfg.model.rein.token_length = token_length
     cfg.model.head.num_queries = token_length
+    cfg.model.precision = precision
     t_build = time.perf_counter()
     model = build_segmentor(cfg.model, load_weights=False).to(device)
     build_s = time.perf_counter() - t_build
@@ -135,6 +141,7 @@ def measure(
     queue.put(
         {
             "method": method,
+            "precision": precision,
             "trainable": trainable,
             "train_s": statistics.median(train),
             "train_mem_mib": mem,
@@ -176,7 +183,9 @@ def profile(method: str, backbone: str, size: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
-def run(method: str, args: argparse.Namespace, size: int, token_length: int) -> dict:
+def run(
+    method: str, args: argparse.Namespace, size: int, token_length: int, precision: str = "fp32"
+) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(
@@ -191,6 +200,7 @@ def run(method: str, args: argparse.Namespace, size: int, token_length: int) -> 
             args.batch,
             args.infer_steps,
             queue,
+            precision,
         ),
     )
     proc.start()
@@ -210,6 +220,9 @@ def main() -> None:
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--precision", nargs="+", default=["fp32"], choices=("fp32", "bf16"), help="model.precision"
+    )
     parser.add_argument(
         "--sweep", action="store_true", help="also Rein step time vs input size and vs token_length"
     )
@@ -231,7 +244,28 @@ def main() -> None:
         f"# {BACKBONES[args.backbone]} (random weights), {args.size}x{args.size}, batch "
         f"{args.batch}, {where}, torch {torch.__version__}"
     )
-    rows = {m: run(m, args, args.size, 100) for m in args.methods}
+    by_precision = {
+        prec: {m: run(m, args, args.size, 100, prec) for m in args.methods}
+        for prec in args.precision
+    }
+    for prec, rows in by_precision.items():
+        print(f"\n## model.precision: {prec}")
+        _print_rows(rows, args)
+    if {"fp32", "bf16"} <= set(by_precision):
+        print("\n## bf16 / fp32 (same method)")
+        print("| method | train step | train memory | inference |")
+        print("|---|---:|---:|---:|")
+        for m in args.methods:
+            a, b = by_precision["fp32"][m], by_precision["bf16"][m]
+            print(
+                f"| {m} | {b['train_s'] / a['train_s']:.2f}x | "
+                f"{b['train_mem_mib'] / a['train_mem_mib']:.2f}x | "
+                f"{b['infer_s'] / a['infer_s']:.2f}x |"
+            )
+    _extras(args)
+
+
+def _print_rows(rows: dict, args: argparse.Namespace) -> None:
     full, frozen = rows.get("full"), rows.get("frozen")
     mem_unit = "MiB (CUDA peak)" if args.device.startswith("cuda") else "MiB (RSS peak - base)"
     print(
@@ -253,6 +287,8 @@ def main() -> None:
             f"{i_ratio} | {merged} | {mg_ratio} |"
         )
 
+
+def _extras(args: argparse.Namespace) -> None:
     if args.profile:
         profile("rein", args.backbone, args.size)
 

@@ -148,3 +148,16 @@ def test_bf16_torchscript_export_works_and_onnx_says_why_not(tmp_path, capsys):
     assert main([*args, str(tmp_path / "m.onnx"), "--format", "onnx"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "--precision fp32" in err[-1] and len([e for e in err if "error" in e]) == 1
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, caplog):
+    import rein.segmentor as segmentor
+
+    monkeypatch.setattr(segmentor, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(segmentor, "_bf16_warned", False)
+    model = build("rein", "bf16").eval()
+    with torch.no_grad():
+        for _ in range(2):
+            model.seg_scores(torch.randn(1, 3, 64, 64))
+    hits = [r for r in caplog.records if "AVX512-BF16 / AMX" in r.getMessage()]
+    assert len(hits) == 1 and "--precision fp32" in hits[0].getMessage()

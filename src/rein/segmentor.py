@@ -63,6 +63,8 @@ class Segmentor(nn.Module):
         if self.precision == "fp32":
             feats, queries = self.backbone(images)
             return self.decode_head(feats, queries)
+        if images.device.type == "cpu":
+            _warn_if_slow_cpu_bf16()
         with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16):
             feats, queries = self.backbone(images)
             cls_preds, mask_preds = self.decode_head(feats, queries)
@@ -228,6 +230,29 @@ def build_segmentor(model_cfg, load_weights: bool = True, with_criterion: bool =
 
 
 _WEIGHT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_bf16_warned = False
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); without them
+    torch emulates bf16, which is far slower than fp32."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def _warn_if_slow_cpu_bf16() -> None:
+    global _bf16_warned
+    if _bf16_warned or cpu_has_native_bf16():
+        return
+    _bf16_warned = True
+    import logging
+
+    logging.getLogger("rein").warning(
+        "warning: model.precision bf16 on a CPU without AVX512-BF16 / AMX (torch reports %s): "
+        "bf16 is emulated there and much slower than fp32; use --precision fp32 on this machine",
+        torch.backends.cpu.get_cpu_capability(),
+    )
 
 
 def store_frozen_weights(model: nn.Module, dtype: torch.dtype) -> int:
