@@ -98,6 +98,9 @@ class BackboneConfig:
     out_indices: list[int] | None = None
     mask_token: bool = True
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Activation checkpointing of the transformer blocks in training: their activations are
+    # recomputed in the backward pass instead of kept (less memory, one more forward per block).
+    checkpointing: bool = False
 
 
 @dataclass

@@ -222,6 +222,13 @@ def build_backbone(model_cfg, load_weights: bool = True, method=None) -> ReinBac
         if load_weights and not any(p.is_meta for p in timm_model.parameters()):
             _warn_random_backbone(bcfg)
     backbone = _wrap(timm_model, bcfg)
+    if getattr(bcfg, "checkpointing", False):
+        if backbone.stage_strides is not None:
+            raise ValueError(
+                f"model.backbone.checkpointing is for transformer backbones (ViT, EVA, SAM); "
+                f"{bcfg.name} is a ConvNet: set it to false"
+            )
+        backbone.checkpointing = True
     adapter = method.block_adapter(backbone, model_cfg)
     if adapter is not None:
         backbone.reins = adapter

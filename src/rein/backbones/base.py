@@ -21,7 +21,9 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -130,6 +132,18 @@ class ReinBackbone(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.frozen = False
+        #: recompute each transformer block's activations in the backward pass instead of
+        #: keeping them (``model.backbone.checkpointing``; ViT / EVA / SAM backbones)
+        self.checkpointing = False
+
+    def run_block(self, block: nn.Module, tokens: Tensor, **kwargs: Any) -> Tensor:
+        """``block(tokens, **kwargs)``, under activation checkpointing when it is on and a
+        backward pass will follow (the random state is replayed, so gradients are the same)."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, tokens, use_reentrant=False, **kwargs)
+        return block(tokens, **kwargs)
 
     @property
     def timm_model(self) -> nn.Module:

@@ -88,7 +88,7 @@ class ReinSAM(ReinBackbone):
         batch, h, w, dim = tokens.shape
         taken: dict[int, Tensor] = {}
         for i, block in enumerate(self.vit.blocks[: self.last_index + 1]):
-            tokens = block(tokens)  # (B, h, w, C), windowed or global attention
+            tokens = self.run_block(block, tokens)  # (B, h, w, C), windowed or global
             if self.reins is not None:
                 flat = self.reins(tokens.reshape(batch, h * w, dim), i, num_prefix_tokens=0)
                 tokens = flat.reshape(batch, h, w, dim)

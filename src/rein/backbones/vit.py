@@ -174,7 +174,7 @@ class ReinViT(ReinBackbone):
         batch, n_prefix = tokens.shape[0], self.num_prefix_tokens
         taken: dict[int, Tensor] = {}
         for i, block in enumerate(self.vit.blocks[: self.last_index + 1]):
-            tokens = block(tokens, **block_kwargs(i)) if block_kwargs else block(tokens)
+            tokens = self.run_block(block, tokens, **(block_kwargs(i) if block_kwargs else {}))
             if self.reins is not None:
                 tokens = self.reins(tokens, i, num_prefix_tokens=n_prefix)
             if i in self.out_indices:
