@@ -68,6 +68,7 @@ def measure(
     infer_steps: int,
     queue,
     precision: str = "fp32",
+    checkpointing: bool = False,
 ) -> None:
     """Run in a child process; put a result dict on ``queue``."""
     import torch
@@ -84,6 +85,7 @@ def measure(
     cfg.model.rein.token_length = token_length
     cfg.model.head.num_queries = token_length
     cfg.model.precision = precision
+    cfg.model.backbone.checkpointing = checkpointing
     t_build = time.perf_counter()
     model = build_segmentor(cfg.model, load_weights=False).to(device)
     build_s = time.perf_counter() - t_build
@@ -201,6 +203,7 @@ def run(
             args.infer_steps,
             queue,
             precision,
+            args.checkpointing,
         ),
     )
     proc.start()
@@ -220,6 +223,11 @@ def main() -> None:
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="model.backbone.checkpointing: recompute the blocks' activations in backward",
+    )
     parser.add_argument(
         "--precision", nargs="+", default=["fp32"], choices=("fp32", "bf16"), help="model.precision"
     )
