@@ -479,3 +479,25 @@ def test_full_rank_fada_file_into_a_lora_config_names_the_keys(tmp_path):
     assert "backbone.reins.learnable_tokens2" in keys and official_method(keys) == "fada"
     with pytest.raises(InteropError, match="learnable_tokens_a"):
         load_official(build("faithful"), path)
+
+
+def test_cli_convert_and_back_reproduces_the_official_file(tmp_path):
+    from dataclasses import asdict
+
+    import yaml
+
+    a = perturb(build("faithful"))
+    src = tmp_path / "official.pth"
+    export_official(a, src)
+    model_cfg = asdict(tiny_model_config("fada"))
+    model_cfg["tuning_options"] = {"wavelet_mode": "faithful", "channel_grid_width": 4}
+    config = tmp_path / "fada.yaml"
+    config.write_text(yaml.safe_dump({"model": model_cfg}))
+    out = tmp_path / "ours"
+    assert main(["convert", str(config), str(src), str(out)]) == 0
+    back = tmp_path / "back.pth"
+    converted = str(out / "converted.safetensors")
+    assert main(["convert", str(config), converted, str(back), "--to-official"]) == 0
+    want = torch.load(src, weights_only=True)["state_dict"]
+    got = torch.load(back, weights_only=True)["state_dict"]
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
