@@ -24,7 +24,7 @@ from rein.methods.fada import FADAReins, haar_kernels
 from rein.segmentor import build_segmentor
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fada_dinov2-l_mask2former_gta_512.yaml"
-KEYS_TXT = Path(__file__).resolve().parents[2] / "shared" / "docs" / "official_state_dict_keys.txt"
+KEYS_TXT = Path(__file__).resolve().parent / "data" / "official_state_dict_keys.txt"
 
 
 def module(channels=32, mode="faithful", k=4, lora=4, layers=2, tokens=6, seed=0, **kw):
