@@ -144,3 +144,24 @@ def loss_of(model, seed: int = 0):
     y[:, 32:] = 13
     y[:, :, :10] = 255
     return model.loss(x, y, generator=g)["loss"]
+
+
+def perturb_trainable(model, seed: int = 1, std: float = 0.05):
+    """Move every trainable tensor away from its init (as training would); returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def build_on_meta(config_path):
+    """``(config, model)`` of a full-size config, built on the meta device (counts, layouts)."""
+    from rein.config import load_config
+    from rein.segmentor import build_segmentor
+
+    cfg = load_config(config_path)
+    with torch.device("meta"):
+        model = build_segmentor(cfg.model, load_weights=False, with_criterion=False)
+    return cfg, model

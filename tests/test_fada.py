@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model_config
+from conftest import build_on_meta, perturb_trainable, seg, tiny_model_config
 from torch.nn import functional as F
 
 from rein.cli import main
@@ -66,21 +66,6 @@ def build(mode: str = "faithful", seed: int = 0, **cfg_kw):
         setattr(cfg.rein, key, value)
     torch.manual_seed(seed)
     return build_segmentor(cfg)
-
-
-def perturb(model, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
-def seg(model, x):
-    model.eval()
-    with torch.no_grad():
-        return model.seg_scores(x)
 
 
 # -- the band split -----------------------------------------------------------------------------
@@ -341,10 +326,7 @@ def test_widths_and_options_that_do_not_fit_are_refused():
 # -- DINOv2-L counts on the meta device ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def large_on_meta():
-    cfg = load_config(CONFIG)
-    with torch.device("meta"):
-        model = build_segmentor(cfg.model, load_weights=False, with_criterion=False)
-    return cfg, model
+    return build_on_meta(CONFIG)
 
 
 def test_dinov2_large_counts_on_meta(large_on_meta):
@@ -424,7 +406,7 @@ X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(7))
 
 
 def test_official_round_trip_is_exact(tmp_path):
-    a = perturb(build("faithful"))
+    a = perturb_trainable(build("faithful"))
     path = tmp_path / "fada.pth"
     n = export_official(a, path)
     state = torch.load(path, weights_only=True)["state_dict"]
@@ -440,7 +422,7 @@ def test_official_round_trip_is_exact(tmp_path):
 
 
 def test_fixed_mode_exports_the_haar_bank_and_warns_when_it_drops_trained_filters(tmp_path):
-    fixed = perturb(build("fixed"))
+    fixed = perturb_trainable(build("fixed"))
     path = tmp_path / "fixed.pth"
     export_official(fixed, path)
     state = torch.load(path, weights_only=True)["state_dict"]
@@ -453,7 +435,7 @@ def test_fixed_mode_exports_the_haar_bank_and_warns_when_it_drops_trained_filter
         warnings.simplefilter("error")
         load_official(other, path)  # Haar filters: nothing is lost, no warning
     trained = tmp_path / "trained.pth"
-    export_official(perturb(build("faithful")), trained)
+    export_official(perturb_trainable(build("faithful")), trained)
     with pytest.warns(UserWarning, match="4 trained filter tensors"):
         load_official(build("fixed"), trained)
 
@@ -486,7 +468,7 @@ def test_cli_convert_and_back_reproduces_the_official_file(tmp_path):
 
     import yaml
 
-    a = perturb(build("faithful"))
+    a = perturb_trainable(build("faithful"))
     src = tmp_path / "official.pth"
     export_official(a, src)
     model_cfg = asdict(tiny_model_config("fada"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import open_layerscale, tiny_model_config
+from conftest import open_layerscale, perturb_trainable, seg, tiny_model_config
 
 from rein.cli import main
 from rein.config import load_config
@@ -37,22 +37,6 @@ def build(tuning: str, seed: int = 0, **options):
     cfg.tuning_options = {**defaults, **options}
     torch.manual_seed(seed)
     return open_layerscale(build_segmentor(cfg, with_criterion=False))
-
-
-def perturb(model, seed: int = 1):
-    """Move every trainable tensor away from its init, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
-def seg(model, x):
-    model.eval()
-    with torch.no_grad():
-        return model.seg_scores(x)
 
 
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(7))
@@ -102,7 +86,7 @@ def test_recyclelora_dinov2_l_official_layout_has_1019_keys():
 
 # -- SoMA ---------------------------------------------------------------------------------------
 def test_soma_runner_checkpoint_round_trip_is_exact(tmp_path):
-    a = perturb(build("soma", init="pretrained"))
+    a = perturb_trainable(build("soma", init="pretrained"))
     path = tmp_path / "soma.pth"
     export_official(a, path)
     state = torch.load(path, weights_only=True)["state_dict"]
@@ -131,7 +115,7 @@ def _release(model) -> dict[str, torch.Tensor]:
 
 def test_soma_release_runs_on_base_w_whatever_the_init(tmp_path):
     # the official model: base = the full pretrained W, adapters trained
-    official = perturb(build("soma", init="official_random"))
+    official = perturb_trainable(build("soma", init="official_random"))
     path = tmp_path / "release.pth"
     torch.save(_release(official), path)
     plain = build("frozen")  # the same pretrained weights (seed 0), unadapted
@@ -144,7 +128,7 @@ def test_soma_release_runs_on_base_w_whatever_the_init(tmp_path):
 
 
 def test_rein_convert_of_a_soma_release_records_official_random(tmp_path, capsys):
-    official = perturb(build("soma", init="official_random"))
+    official = perturb_trainable(build("soma", init="official_random"))
     torch.save(_release(official), tmp_path / "release.pth")
     config = tmp_path / "soma.yaml"
     model_cfg = asdict(tiny_model_config("soma"))
@@ -180,7 +164,7 @@ def test_merged_soma_model_cannot_be_exported_or_loaded_into(tmp_path):
 
 # -- RecycleLoRA ---------------------------------------------------------------------------------
 def test_recyclelora_round_trip_loads_the_residuals_as_they_are(tmp_path):
-    a = perturb(build("recyclelora"))
+    a = perturb_trainable(build("recyclelora"))
     path = tmp_path / "recyclelora.pth"
     assert export_official(a, path) == len(a.state_dict())
     state = torch.load(path, weights_only=True)["state_dict"]
@@ -204,7 +188,7 @@ def test_recyclelora_file_of_another_rank_names_both(tmp_path):
 
 
 def test_cli_convert_and_back_reproduces_the_official_file(tmp_path):
-    a = perturb(build("recyclelora"))
+    a = perturb_trainable(build("recyclelora"))
     src = tmp_path / "official.pth"
     export_official(a, src)
     config = tmp_path / "recyclelora.yaml"

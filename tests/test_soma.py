@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import loss_of, open_layerscale, seg, tiny_model_config
+from conftest import build_on_meta, loss_of, open_layerscale, seg, tiny_model_config
 from torch import nn
 
 from rein.config import load_config
@@ -372,10 +372,7 @@ def test_param_groups_follow_the_spec_at_iteration_zero():
 # -- full size -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def large_on_meta():
-    cfg = load_config(CONFIG)
-    with torch.device("meta"):
-        model = build_segmentor(cfg.model, load_weights=False, with_criterion=False)
-    return cfg, model
+    return build_on_meta(CONFIG)
 
 
 def test_dinov2_large_counts_on_meta(large_on_meta):
