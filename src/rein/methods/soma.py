@@ -249,14 +249,18 @@ class _SoMAWrapper(BaseLayerWrapper):
         return result + self.delta(x).to(result.dtype)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ``s * B @ A`` into ``W_res`` (once; later calls do nothing)."""
-        if self.merged:
-            return
+    def add_adapters_to_base(self) -> None:
+        """``W_res += s * B @ A`` for every adapter (float32 sum, cast back to W's dtype)."""
         weight = self.base_layer.weight
         for rows, lora_a, lora_b in self.adapters():
             delta = (lora_b.weight @ lora_a.weight) * self.scaling
             weight[rows] = (weight[rows].float() + delta.to(weight.device)).to(weight.dtype)
+
+    def merge(self) -> None:
+        """Fold ``s * B @ A`` into ``W_res`` (once; later calls do nothing)."""
+        if self.merged:
+            return
+        self.add_adapters_to_base()
         self.merged = True
 
     def extra_repr(self) -> str:
@@ -544,15 +548,9 @@ class SoMAMethod(TuningMethod):
         release = not any(k.endswith(".base_layer.weight") for k in state)
         if not release or self.options.init != "pretrained":
             return
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, _SoMAWrapper) and not module.base_layer.weight.is_meta:
-                    weight = module.base_layer.weight
-                    for rows, lora_a, lora_b in module.adapters():
-                        delta = (lora_b.weight @ lora_a.weight) * module.scaling
-                        weight[rows] = (weight[rows].float() + delta.to(weight.device)).to(
-                            weight.dtype
-                        )
+        for module in model.modules():
+            if isinstance(module, _SoMAWrapper) and not module.base_layer.weight.is_meta:
+                module.add_adapters_to_base()  # base = W - s B0 A0 + s B0 A0 = W
 
 
 _OFFICIAL = "backbone.model."
