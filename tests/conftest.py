@@ -165,3 +165,25 @@ def build_on_meta(config_path):
     with torch.device("meta"):
         model = build_segmentor(cfg.model, load_weights=False, with_criterion=False)
     return cfg, model
+
+
+def train_steps_move_only_trainable(model, must_move, steps: int = 6, lr: float = 1e-3):
+    """A few AdamW steps on :func:`loss_of`: the loss falls, every trainable tensor named by
+    ``must_move(name)`` changes and every other tensor of the state dict stays as it was."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = loss_of(model, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for k, v in model.state_dict().items():
+        if k in trainable:
+            if must_move(k):
+                assert not torch.equal(v, before[k]), f"{k} did not train"
+        else:
+            assert torch.equal(v, before[k]), k

@@ -143,24 +143,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_OPTIONS = {"soma": {"start_block": 2, "rank": 4}, "recyclelora": {"r_max": 9, "r_main": 6}}
 
 
-def _spec_lr_wd(tuning: str, name: str, norm_params: set[str]) -> tuple[float, float]:
-    """(lr, weight decay) at iteration 0 of one tensor, as the specs' tables give them."""
-    head_no_decay = ("norm", "query_embed", "level_embed") + (
-        ("query_feat",) if tuning == "soma" else ()  # RecycleLoRA decays query_feat (quirk 5)
-    )
-    if name.startswith("backbone."):
-        if tuning == "soma":
-            return 5e-5, 0.05
-        if name.endswith(("lora_A_main", "lora_B_main")):
-            return 1e-4, 0.0
-        if name.endswith(("lora_A_sub", "lora_B_sub")):
-            return 5e-5, 0.0
-        return 5e-5, 0.05  # mask_token
-    if name in norm_params or any(k in name for k in head_no_decay):
-        return 1e-4, 0.0
-    return 1e-4, 0.05
-
-
 @pytest.mark.parametrize("tuning", ["soma", "recyclelora"])
 def test_every_group_follows_the_spec_at_iterations_0_1_12k_and_the_last(tuning):
     """The config's optimizer and schedules: lr_t = lr0 (1 - t / 39999)^0.9 and wd_t = 1e-5 +
@@ -178,19 +160,17 @@ def test_every_group_follows_the_spec_at_iterations_0_1_12k_and_the_last(tuning)
     optimizer = build_optimizer(model, cfg.optim)
     lr_schedule, wd_schedule = build_schedules(optimizer, cfg.optim, cfg.train.max_iters)
     assert cfg.train.max_iters == 40_000 and wd_schedule is not None
-    norm_params = {
-        f"{m}.{p}" if m else p
-        for m, mod in model.named_modules()
-        if isinstance(mod, torch.nn.LayerNorm | torch.nn.GroupNorm)
-        for p, _ in mod.named_parameters(recurse=False)
-    }
+    import test_recyclelora
+    import test_soma
+
+    spec_group = {"soma": test_soma, "recyclelora": test_recyclelora}[tuning]._spec_group
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     seen = set()
     for t in (0, 1, 12_000, 39_999):
         lrs, wds = lr_schedule.lr_at(t), wd_schedule.wd_at(t)
         for group, lr, wd in zip(optimizer.param_groups, lrs, wds, strict=True):
             for name in group["names"]:
-                lr0, wd0 = _spec_lr_wd(tuning, name, norm_params)
+                lr0, wd0 = spec_group(model, name)  # the spec's table at iteration 0
                 want_lr = lr0 * (1 - t / 39_999) ** 0.9
                 want_wd = 1e-5 + (wd0 - 1e-5) * (1 + math.cos(math.pi * t / 40_000)) / 2
                 assert lr == pytest.approx(want_lr, rel=1e-12, abs=0), (name, t)

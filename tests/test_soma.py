@@ -7,11 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_on_meta, loss_of, open_layerscale, seg, tiny_model_config
+from conftest import (
+    build_on_meta,
+    loss_of,
+    open_layerscale,
+    seg,
+    tiny_model_config,
+    train_steps_move_only_trainable,
+)
 from torch import nn
 
 from rein.config import load_config
-from rein.engine.optim import CosineWeightDecay, PolyLR, build_optimizer
+from rein.engine.optim import build_optimizer, build_schedules
 from rein.methods import build_method, merge_model
 from rein.methods.soma import SoMALinear, SoMAQKV
 from rein.segmentor import build_segmentor
@@ -317,23 +324,7 @@ def test_exactly_the_spec_tensors_train_and_get_gradients():
 def test_training_steps_lower_the_loss_and_move_only_trainable_tensors():
     torch.manual_seed(0)
     m = build().train()
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for step in range(6):
-        loss = loss_of(m, step)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    for k, v in m.state_dict().items():
-        if k in trainable:
-            if ".lora_" in k or k.endswith("base_layer.bias"):
-                assert not torch.equal(v, before[k]), f"{k} did not train"
-        else:
-            assert torch.equal(v, before[k]), k
+    train_steps_move_only_trainable(m, lambda k: ".lora_" in k or k.endswith("base_layer.bias"))
 
 
 # -- optimizer groups ----------------------------------------------------------------------------
@@ -352,8 +343,8 @@ def test_param_groups_follow_the_spec_at_iteration_zero():
     cfg = load_config(CONFIG)
     m = build()
     opt = build_optimizer(m, cfg.optim)
-    PolyLR(opt, cfg.train.max_iters, horizon=cfg.optim.poly_horizon)
-    CosineWeightDecay(opt, cfg.train.max_iters, cfg.optim.wd_min).set_iteration(0)
+    _, wd_schedule = build_schedules(opt, cfg.optim, cfg.train.max_iters)
+    wd_schedule.set_iteration(0)
     seen = set()
     for group in opt.param_groups:
         for name in group["names"]:
