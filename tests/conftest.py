@@ -187,3 +187,19 @@ def train_steps_move_only_trainable(model, must_move, steps: int = 6, lr: float 
                 assert not torch.equal(v, before[k]), f"{k} did not train"
         else:
             assert torch.equal(v, before[k]), k
+
+
+def assert_groups_match(model, optimizer, spec_group) -> set[str]:
+    """Every optimizer group's lr and weight decay equal ``spec_group(model, name)`` for each of
+    its tensors, and the groups hold exactly the trainable tensors; returns their names."""
+    import math
+
+    seen = set()
+    for group in optimizer.param_groups:
+        for name in group["names"]:
+            lr, wd = spec_group(model, name)
+            assert math.isclose(group["lr"], lr, rel_tol=1e-12), name
+            assert math.isclose(group["weight_decay"], wd, rel_tol=1e-12, abs_tol=1e-12), name
+            seen.add(name)
+    assert seen == {n for n, p in model.named_parameters() if p.requires_grad}
+    return seen

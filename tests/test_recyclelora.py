@@ -11,6 +11,7 @@ import pytest
 import scipy.linalg
 import torch
 from conftest import (
+    assert_groups_match,
     build_on_meta,
     loss_of,
     open_layerscale,
@@ -367,14 +368,7 @@ def test_param_groups_follow_the_spec_at_iteration_zero():
     opt = build_optimizer(m, cfg.optim)
     _, wd_schedule = build_schedules(opt, cfg.optim, cfg.train.max_iters)
     wd_schedule.set_iteration(0)
-    seen = set()
-    for group in opt.param_groups:
-        for name in group["names"]:
-            lr, wd = _spec_group(m, name)
-            assert math.isclose(group["lr"], lr, rel_tol=1e-12), name
-            assert math.isclose(group["weight_decay"], wd, rel_tol=1e-12, abs_tol=1e-12), name
-            seen.add(name)
-    assert seen == {n for n, p in m.named_parameters() if p.requires_grad}
+    seen = assert_groups_match(m, opt, _spec_group)
     assert "decode_head.query_feat.weight" in seen
     assert any("level_encoding" in n for n in seen)
     # sub_lr_mult and optim.backbone_lr_mult (on top of the method's 0.5, mask_token only).

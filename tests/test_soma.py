@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    assert_groups_match,
     build_on_meta,
     loss_of,
     open_layerscale,
@@ -345,14 +346,7 @@ def test_param_groups_follow_the_spec_at_iteration_zero():
     opt = build_optimizer(m, cfg.optim)
     _, wd_schedule = build_schedules(opt, cfg.optim, cfg.train.max_iters)
     wd_schedule.set_iteration(0)
-    seen = set()
-    for group in opt.param_groups:
-        for name in group["names"]:
-            lr, wd = _spec_group(m, name)
-            assert math.isclose(group["lr"], lr, rel_tol=1e-12), name
-            assert math.isclose(group["weight_decay"], wd, rel_tol=1e-12, abs_tol=1e-12), name
-            seen.add(name)
-    assert seen == {n for n, p in m.named_parameters() if p.requires_grad}
+    seen = assert_groups_match(m, opt, _spec_group)
     assert any("query_feat" in n for n in seen)
     # optim.backbone_lr_mult multiplies on top of the method's own multiplier.
     cfg.optim.backbone_lr_mult = 2.0
