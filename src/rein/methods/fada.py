@@ -14,7 +14,9 @@ filters, and each band gets its own Rein refinement::
 ``T_L = A_L[l] @ B_L[l]`` and ``T_H = A_H[l] @ B_H[l]`` (``learnable_tokens_a/_b`` and
 ``_a2/_b2``; full-rank ``learnable_tokens`` / ``learnable_tokens2`` when ``model.rein.lora_dim``
 is null). The MLPs, ``scale``, the filters, ``transform`` and ``merge`` are shared by all
-layers; the Rein-link queries come from the low-band tokens only.
+layers; the Rein-link queries come from the low-band tokens only. The two-branch skeleton is
+:class:`~rein.methods.two_branch.TwoBranchReins`, shared with SET; this file is FADA's split
+(the Haar bands) and combine (a concatenation).
 
 How the bands are formed (``model.tuning_options.wavelet_mode``):
 
@@ -44,15 +46,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Collection, Container, Mapping
+from collections.abc import Container, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rein.methods.base import TuningMethod, positive_int
-from rein.reins import Reins
+from rein.methods.base import positive_int
+from rein.methods.two_branch import TwoBranchMethod, TwoBranchReins
 
 if TYPE_CHECKING:
     from rein.config import ModelConfig
@@ -70,7 +72,6 @@ WAVELET_MODES = ("faithful", "fixed")
 BANDS = ("LL", "LH", "HL", "HH")
 #: keys only FADA's official module has (Rein's has ``learnable_tokens*`` / ``mlp_*`` too)
 FADA_ONLY_KEYS = ("backbone.reins.learnable_tokens_a2", "backbone.reins.wavepool.")
-_IN_EPS = 1e-5  # F.instance_norm's default
 
 
 def haar_kernels() -> Tensor:
@@ -137,7 +138,7 @@ class WavePool(nn.Module):
         return y.unflatten(1, (self.channels, len(BANDS)))
 
 
-class FADAReins(Reins):
+class FADAReins(TwoBranchReins):
     """FADA's module after every block: two Rein branches on the low / high Haar bands.
 
     Args (beyond :class:`~rein.reins.Reins`'s):
@@ -145,6 +146,8 @@ class FADAReins(Reins):
         wavelet_mode: ``faithful`` (official layout, trainable per-channel filters) or ``fixed``.
         channel_grid_width: ``fixed``: row length k of each token's channel grid.
     """
+
+    method_name = "fada"
 
     def __init__(
         self,
@@ -175,7 +178,6 @@ class FADAReins(Reins):
                 f"in rows of channel_grid_width={k}: the width must be a multiple of {2 * k}; "
                 "set model.tuning_options.channel_grid_width to a divisor (e.g. 16 or 8)"
             )
-        self.lora_dim = lora_dim
         self.wavelet_mode = wavelet_mode
         self.channel_grid_width = channel_grid_width
         self.low_dims = embed_dims // 4
@@ -186,96 +188,27 @@ class FADAReins(Reins):
             num_layers=num_layers,
             embed_dims=embed_dims,
             patch_size=patch_size,
+            branch_dims=(self.low_dims, self.high_dims),
+            branch_lora=(True, True),
             query_dims=query_dims,
             token_length=token_length,
+            lora_dim=lora_dim,
             use_softmax=use_softmax,
             link_token_to_query=link_token_to_query,
             scale_init=scale_init,
             zero_mlp_delta_f=zero_mlp_delta_f,
-            share_mlps=True,
         )
 
-    # -- construction (official order: scale, tokens, the four MLPs, filters, transform, merge)
-    def create_model(self) -> None:
-        lo, hi, layers, m = self.low_dims, self.high_dims, self.num_layers, self.token_length
-        if self.zero_mlp_delta_f:
-            self.register_buffer("scale", torch.tensor(1.0), persistent=False)
-        else:
-            self.scale = nn.Parameter(torch.tensor(float(self.scale_init)))
-        if self.lora_dim:
-            r = self.lora_dim
-            self.learnable_tokens_a = nn.Parameter(torch.empty(layers, m, r))
-            self.learnable_tokens_b = nn.Parameter(torch.empty(layers, r, lo))
-            self.learnable_tokens_a2 = nn.Parameter(torch.empty(layers, m, r))
-            self.learnable_tokens_b2 = nn.Parameter(torch.empty(layers, r, hi))
-        else:
-            self.learnable_tokens = nn.Parameter(torch.empty(layers, m, lo))
-            self.learnable_tokens2 = nn.Parameter(torch.empty(layers, m, hi))
-        self.mlp_token2feat = nn.Linear(lo, lo)
-        self.mlp_delta_f = nn.Linear(lo, lo)
-        self.mlp_token2feat2 = nn.Linear(hi, hi)
-        self.mlp_delta_f2 = nn.Linear(hi, hi)
+    # -- the filters (official order: after the four MLPs, before transform and merge) --------
+    def create_split_params(self) -> None:
         if self.wavelet_mode == "faithful":
             self.wavepool = WavePool(self.embed_dims)
         else:
             self.register_buffer("haar", haar_kernels(), persistent=False)
-        if self.link_token_to_query:
-            self.transform = nn.Linear(lo, self.query_dims)
-            self.merge = nn.Linear(self.query_dims * 3, self.query_dims)
-        self.reset_parameters()
 
-    def _token_bounds(self) -> tuple[float, float]:
-        """Uniform init bounds of the (low, high) tokens (spec section 9): the low band's LoRA
-        bound uses the full width C, the high band's its own 3C/4."""
-        p2 = 3 * self.patch_size**2
-        if self.lora_dim:
-            r = self.lora_dim
-            low = math.sqrt(6.0 / (p2 + (self.embed_dims * r) ** 0.5))
-            high = math.sqrt(6.0 / (p2 + (self.high_dims * r) ** 0.5))
-        else:
-            low = math.sqrt(6.0 / (p2 + self.low_dims))
-            high = math.sqrt(6.0 / (p2 + self.high_dims))
-        return low, high
-
-    def reset_parameters(self) -> None:
-        low, high = self._token_bounds()
-        if self.lora_dim:
-            for t, bound in (
-                (self.learnable_tokens_a, low),
-                (self.learnable_tokens_b, low),
-                (self.learnable_tokens_a2, high),
-                (self.learnable_tokens_b2, high),
-            ):
-                nn.init.uniform_(t, -bound, bound)
-        else:
-            nn.init.uniform_(self.learnable_tokens, -low, low)
-            nn.init.uniform_(self.learnable_tokens2, -high, high)
-        for lin in (self.mlp_token2feat, self.mlp_delta_f, self.mlp_token2feat2, self.mlp_delta_f2):
-            lin.reset_parameters()  # kaiming_uniform_(a=sqrt(5)) + fan-in uniform bias
-        if self.zero_mlp_delta_f:
-            for lin in (self.mlp_delta_f, self.mlp_delta_f2):
-                nn.init.zeros_(lin.weight)
-                nn.init.zeros_(lin.bias)
+    def reset_split_params(self) -> None:
         if self.wavelet_mode == "faithful":
             self.wavepool.reset_parameters()
-
-    # -- tokens -------------------------------------------------------------------------------
-    def get_tokens(self, layer: int) -> Tensor:
-        """Low-band tokens (m, C/4) of one layer, or (L, m, C/4) for ``layer == -1`` (these
-        also make the Rein-link queries)."""
-        if self.lora_dim:
-            if layer == -1:
-                return self.learnable_tokens_a @ self.learnable_tokens_b
-            return self.learnable_tokens_a[layer] @ self.learnable_tokens_b[layer]
-        return self.learnable_tokens if layer == -1 else self.learnable_tokens[layer]
-
-    def get_tokens_high(self, layer: int) -> Tensor:
-        """High-band tokens (m, 3C/4) of one layer, or (L, m, 3C/4) for ``layer == -1``."""
-        if self.lora_dim:
-            if layer == -1:
-                return self.learnable_tokens_a2 @ self.learnable_tokens_b2
-            return self.learnable_tokens_a2[layer] @ self.learnable_tokens_b2[layer]
-        return self.learnable_tokens2 if layer == -1 else self.learnable_tokens2[layer]
 
     # -- the band split -----------------------------------------------------------------------
     def split(self, feats: Tensor) -> tuple[Tensor, Tensor]:
@@ -319,35 +252,12 @@ class FADAReins(Reins):
             "fixed, or use slide inference with square crops (eval.mode: slide)"
         )
 
-    # -- the refinement -----------------------------------------------------------------------
-    def _branch(
-        self, f: Tensor, tokens: Tensor, token2feat: nn.Module, delta_f: nn.Module, inorm: bool
-    ) -> Tensor:
-        attn = f @ tokens.t()  # (B, N, m)
-        if inorm:  # instance norm over the m tokens (biased variance, no affine), token 0 too
-            attn = F.layer_norm(attn, attn.shape[-1:], eps=_IN_EPS)
-        if self.use_softmax:
-            attn = (attn * self.embed_dims**-0.5).softmax(dim=-1)  # the full C, both branches
-        delta = attn[..., 1:] @ token2feat(tokens[1:])  # token 0 is a sink, as in Rein
-        return delta_f(delta + f)
-
-    def delta_feat(self, feats: Tensor, layer: int) -> Tensor:
-        """Delta (before ``scale``) for patch features ``feats`` (B, N, C)."""
-        low, high = self.split(feats)
-        d_low = self._branch(
-            low, self.get_tokens(layer), self.mlp_token2feat, self.mlp_delta_f, False
-        )
-        d_high = self._branch(
-            high, self.get_tokens_high(layer), self.mlp_token2feat2, self.mlp_delta_f2, True
-        )
-        return torch.cat([d_low, d_high], dim=-1)
+    def combine(self, delta1: Tensor, delta2: Tensor) -> Tensor:
+        """Low channels first, then high: no inverse transform (spec section 4, step 5)."""
+        return torch.cat([delta1, delta2], dim=-1)
 
     def extra_repr(self) -> str:
-        return (
-            f"layers={self.num_layers}, dims={self.embed_dims} "
-            f"({self.low_dims}+{self.high_dims}), tokens={self.token_length}, "
-            f"lora_dim={self.lora_dim}, wavelet_mode={self.wavelet_mode}"
-        )
+        return f"{super().extra_repr()}, wavelet_mode={self.wavelet_mode}"
 
 
 def _remember_grid(backbone: nn.Module, args: tuple[Any, ...]) -> None:
@@ -360,55 +270,23 @@ def _remember_grid(backbone: nn.Module, args: tuple[Any, ...]) -> None:
 
 
 # -- the method ---------------------------------------------------------------------------------
-class FADAMethod(TuningMethod):
+class FADAMethod(TwoBranchMethod):
     """The foundation model is frozen; FADA (``backbone.reins.*``) and the decode head train."""
 
     name = "fada"
     Options = FADAOptions
+    official_keys = FADA_ONLY_KEYS
 
     def block_adapter(self, backbone: nn.Module, model_cfg: ModelConfig) -> nn.Module:
-        if getattr(backbone, "stage_strides", None) is not None:
-            raise ValueError(
-                f"tuning 'fada' refines the tokens of a ViT after every block; "
-                f"{type(backbone).__name__} is hierarchical: use rein"
-            )
-        rein_cfg = model_cfg.rein
-        if not rein_cfg.share_mlps:
-            raise ValueError(
-                "tuning 'fada' shares its MLPs across layers (as the official code): "
-                "set model.rein.share_mlps: true"
-            )
         module = FADAReins(
-            num_layers=backbone.depth,
-            embed_dims=backbone.embed_dim,
-            patch_size=backbone.patch_size,
-            query_dims=model_cfg.head.feat_channels,
-            token_length=rein_cfg.token_length,
-            lora_dim=rein_cfg.lora_dim,
-            link_token_to_query=rein_cfg.link_token_to_query,
-            scale_init=rein_cfg.scale_init,
-            zero_mlp_delta_f=rein_cfg.zero_mlp_delta_f,
+            **self.module_kwargs(backbone, model_cfg),
             wavelet_mode=self.options.wavelet_mode,
             channel_grid_width=self.options.channel_grid_width,
         )
         backbone.register_forward_pre_hook(_remember_grid)
         return module
 
-    def supplies_queries(self, backbone: nn.Module) -> bool:
-        reins = getattr(backbone, "reins", None)
-        return reins is not None and bool(getattr(reins, "link_token_to_query", False))
-
-    def is_trainable(self, name: str) -> bool:
-        return name.startswith("backbone.reins.")
-
-    def report_group(self, name: str) -> str | None:
-        return "fada" if name.startswith("backbone.reins.") else None
-
     # -- official checkpoints -----------------------------------------------------------------
-    @classmethod
-    def claims_official(cls, keys: Collection[str]) -> bool:
-        return any(k.startswith(FADA_ONLY_KEYS) for k in keys)
-
     def official_to_ours(
         self, state: Mapping[str, Tensor], model_keys: Container[str]
     ) -> dict[str, Tensor]:
