@@ -17,6 +17,8 @@
                qkv / proj / fc1 / fc2 (``r_max`` 36, ``r_main`` 32, ``alpha`` 1).
 ``fada``       FADA: Rein on a Haar split of the features (low band C/4, high band 3C/4
                with instance norm); ``wavelet_mode`` faithful (official) or fixed.
+``set``        SET: Rein on the FFT phase (LoRA tokens) and amplitude (full-rank tokens,
+               instance norm) of the features; ``fft_mode`` faithful (official) or per_image.
 =============  ==========================================================================
 
 Adding a method is one new file with a :class:`TuningMethod` subclass and a line in
@@ -39,6 +41,7 @@ from rein.methods.full import FullMethod
 from rein.methods.lora import LoRAMethod
 from rein.methods.recyclelora import RecycleLoRAMethod
 from rein.methods.rein import ReinMethod
+from rein.methods.set_tokens import SETMethod
 from rein.methods.soma import SoMAMethod
 from rein.methods.vpt import VPTMethod
 
@@ -66,6 +69,7 @@ _BUILTIN: tuple[type[TuningMethod], ...] = (
     SoMAMethod,
     RecycleLoRAMethod,
     FADAMethod,
+    SETMethod,
 )
 METHODS: dict[str, type[TuningMethod]] = {cls.name: cls for cls in _BUILTIN}
 
