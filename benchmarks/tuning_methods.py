@@ -1,7 +1,7 @@
 """Speed, memory and parameters of each tuning method, side by side in one run.
 
-For every method (rein, frozen, full, lora, vpt, adaptformer, soma, recyclelora) on the same
-backbone, head and input size, one fresh process builds the model with random weights and
+For every method (rein, frozen, full, lora, vpt, adaptformer, soma, recyclelora, fada, set) on
+the same backbone, head and input size, one fresh process builds the model with random weights and
 measures:
 
 * training step time: forward + Mask2Former loss + backward + AdamW step (median of --steps);
@@ -15,6 +15,8 @@ measures:
 
 SoMA and RecycleLoRA use their official options (SoMA: rank 16 on blocks >= 8; RecycleLoRA:
 r_max 36 on every block) and, like every method here, the same 100 learned / Rein queries.
+FADA and SET run in their default (official) modes, wavelet_mode / fft_mode faithful; a square
+input keeps FADA's token grid square, as its faithful mode needs.
 
 Ratios: training time and memory relative to full fine-tuning, inference relative to the
 frozen backbone. Each method runs in its own process, one after another, so their memory
@@ -43,7 +45,18 @@ BACKBONES = {
     "l": "vit_large_patch14_dinov2",
     "g": "vit_giant_patch14_dinov2",
 }
-METHODS = ("rein", "frozen", "full", "lora", "vpt", "adaptformer", "soma", "recyclelora")
+METHODS = (
+    "rein",
+    "frozen",
+    "full",
+    "lora",
+    "vpt",
+    "adaptformer",
+    "soma",
+    "recyclelora",
+    "fada",
+    "set",
+)
 MERGEABLE = ("lora", "soma", "recyclelora")
 
 
