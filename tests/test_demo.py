@@ -43,8 +43,17 @@ def _check_outputs(out, methods):
         avg = sum(res["mIoU"][s] for s in TARGET_STYLES) / len(TARGET_STYLES)
         assert math.isclose(res["dg_avg"], avg, rel_tol=1e-9)
         assert res["trainable_params"] > 0 and res["sec_per_iter"] > 0
+        # every seed's numbers are kept, and the cells are their mean
+        seeds = report["settings"]["seeds"]
+        assert [r["seed"] for r in res["runs"]] == seeds == res["seeds"]
+        for style in (SOURCE_STYLE, *TARGET_STYLES):
+            per_seed = [r["mIoU"][style] for r in res["runs"]]
+            assert math.isclose(res["mIoU"][style], sum(per_seed) / len(seeds), rel_tol=1e-9)
+            assert res["mIoU_std"][style] >= 0.0
     text = (out / "results.md").read_text()
     assert "DG avg" in text and "Rein" in text and "Frozen" in text
+    assert "±" in report["table"] and "Rein - Frozen, DG avg" in text
+    assert report["comparisons"]["rein"]["a"] == "Rein"
     return report
 
 
@@ -71,6 +80,30 @@ def test_quick_demo_writes_results_and_reuses_the_cache(tmp_path, monkeypatch):
     # Same seed and settings: the frozen and Rein numbers are reproducible.
     for m in ("frozen", "rein"):
         assert second["methods"][m]["mIoU"] == first["methods"][m]["mIoU"]
+
+
+def test_parallel_runs_give_the_numbers_of_in_process_runs(tmp_path, monkeypatch):
+    """Each run uses one thread, so running two at once (jobs=2) changes no number."""
+    monkeypatch.setenv("REIN_CACHE", str(tmp_path / "cache"))
+    one = run_demo(out_dir=tmp_path / "a", quick=True, progress=False, log=_quiet, jobs=0)
+    two = run_demo(out_dir=tmp_path / "b", quick=True, progress=False, log=_quiet, jobs=2)
+    for m in ("frozen", "rein"):
+        assert [r["mIoU"] for r in two["methods"][m]["runs"]] == [
+            r["mIoU"] for r in one["methods"][m]["runs"]
+        ]
+    _check_outputs(tmp_path / "b", ["frozen", "rein"])
+    with (
+        Image.open(tmp_path / "a" / "predictions.png") as a,
+        Image.open(tmp_path / "b" / "predictions.png") as b,
+    ):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_demo_refuses_bad_seeds_and_jobs(tmp_path):
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        run_demo(out_dir=tmp_path, quick=True, progress=False, log=_quiet, seeds=[1, 1])
+    with pytest.raises(ValueError, match="--jobs must be >= 0"):
+        run_demo(out_dir=tmp_path, quick=True, progress=False, log=_quiet, jobs=-1)
 
 
 class _Forbidden:

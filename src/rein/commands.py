@@ -434,6 +434,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         quick=args.quick,
         progress=not args.no_progress,
         precision=args.precision,
+        seeds=args.seeds,
+        jobs=args.jobs,
     )
     return 0
 
@@ -568,6 +570,17 @@ def register(sub, add_set) -> None:
         help="also train full fine-tuning, LoRA, SoMA and RecycleLoRA",
     )
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="training seeds of every method (default 0 1 2; --quick: 0 1)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="training runs at once, one thread each (default: one per CPU core; 0: in-process)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--precision",

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ import torch
 
 from rein.config import Config, config_from_dict
 from rein.data.synthetic import SOURCE_STYLE, TARGET_STYLES, SyntheticDataset
+from rein.engine.seed_stats import Comparison, aggregate_seeds, compare_methods, format_mean_std
 from rein.pretrain import PretrainSettings, map_in_processes, pretrained_backbone
 
 __all__ = ["DemoSettings", "DEFAULT", "QUICK", "METHODS", "demo_config", "run_demo"]
@@ -97,7 +100,14 @@ class DemoSettings:
     eval_mode: str = "slide"
     num_shown: int = 5  # target images in predictions.png
     workers: int = 2  # processes that render scenes (0: in-process)
-    seed: int = 0
+    seed: int = 0  # the scenes (training and evaluation) and the pretraining
+    # Every method is trained once per seed (head / adapter init, data order, augmentation):
+    # the tables give mean +/- std over these.
+    seeds: tuple[int, ...] = (0, 1, 2)
+    # Training runs at once, each in its own process on ONE thread (None: one per CPU core, at
+    # most one per run; 0 or 1: one after the other in this process, still on one thread). One
+    # thread per run makes the numbers independent of ``jobs``.
+    jobs: int | None = None
     precision: str = "fp32"  # model.precision of every method (bf16: frozen weights in bf16)
 
 
@@ -131,6 +141,8 @@ QUICK = DemoSettings(
     lora_rank=4,
     num_shown=2,
     workers=0,
+    seeds=(0, 1),
+    jobs=0,
 )
 
 
@@ -145,11 +157,13 @@ def demo_config(
     weights: str | None,
     out_dir: str | Path,
     backbone_name: str | None = None,
+    seed: int | None = None,
 ) -> Config:
     """The complete :class:`Config` of one method (``rein``/``frozen``/``full``/``lora``).
 
     ``weights`` is the pretrained file (or ``"timm"``); ``backbone_name`` a timm model to use
-    instead of the demo's ViT (its own width / depth / heads).
+    instead of the demo's ViT (its own width / depth / heads). ``seed`` is the training seed
+    (default ``settings.seed``); with one, the run is named ``<method>-seed<seed>``.
     """
     p = settings.pretrain
     if backbone_name:
@@ -173,7 +187,7 @@ def demo_config(
     crop = settings.crop_size
     return config_from_dict(
         {
-            "name": method,
+            "name": method if seed is None else f"{method}-seed{seed}",
             "output_dir": str(Path(out_dir) / "runs"),
             "model": {
                 "tuning": method,
@@ -225,7 +239,7 @@ def demo_config(
                 "log_interval": max(1, settings.iters // 20),
                 "val_interval": 0,
                 "checkpoint_interval": settings.iters,
-                "seed": settings.seed,
+                "seed": settings.seed if seed is None else seed,
             },
             "eval": {
                 "mode": settings.eval_mode,
@@ -349,6 +363,7 @@ def run_method(
         "dg_avg": dg_average(per_domain, targets) if targets else math.nan,
         "trainable_params": trainable,
         "total_params": total,
+        "seed": cfg.train.seed,
         "sec_per_iter": train_s / max(cfg.train.max_iters, 1),
         "train_seconds": train_s,
         "eval_seconds": eval_s,
@@ -361,6 +376,46 @@ def run_method(
         f"source {summary['source']:.1f}, DG avg {summary['dg_avg']:.1f} mIoU"
     )
     return model, summary
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run on one torch thread: the same numbers whether runs go in parallel or not."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_runs(
+    jobs: Sequence[tuple[Config, bool]],
+    train_set: Any,
+    val_sets: Mapping[str, Any],
+    shown: Sequence[tuple[str, int]],
+    progress: bool,
+    log: Callable[[str], None],
+    in_worker: bool = False,
+) -> list[tuple[dict[str, Any], list[np.ndarray] | None]]:
+    """Train and evaluate ``(config, predict the shown images?)`` jobs, one after the other.
+
+    Module level, so that :func:`map_in_processes` can run it in spawned processes
+    (``in_worker``: their progress is whole lines, since several share one terminal).
+    """
+    if in_worker:
+        os.environ["REIN_PROGRESS"] = "lines"
+    out = []
+    with _one_thread():
+        for cfg, show in jobs:
+            model, summary = run_method(cfg, train_set, val_sets, progress, log)
+            preds = [_predict(model, val_sets[st][i], cfg) for st, i in shown] if show else None
+            out.append((summary, preds))
+    return out
 
 
 @torch.no_grad()
@@ -390,32 +445,29 @@ def _split_row(line: str) -> list[str]:
 
 
 def results_table(methods: Mapping[str, Mapping[str, Any]], targets: Sequence[str]) -> str:
-    """Markdown table: rows = methods; source, every target, DG avg (``format_summary``),
-    trainable parameters and seconds per training step."""
-    from rein.engine.metrics import format_summary
+    """Markdown table: rows = methods (aggregated over seeds by ``aggregate_seeds``); the source,
+    every target and the DG average as mean ± std, trainable parameters and seconds per step."""
+    from rein.engine.metrics import markdown_table
 
-    summary = {METHODS.get(m, m): r["mIoU"] for m, r in methods.items()}
-    base = format_summary(summary, domains=list(targets), digits=1, avg_label="DG avg")
-    lines = base.splitlines()
-    header, rows = _split_row(lines[0]), [_split_row(x) for x in lines[2:]]
-    header = [header[0], f"{SOURCE_STYLE} (source)", *header[1:], "trainable params", "s/step"]
-    table = [header]
-    for row, r in zip(rows, methods.values()):
-        src = r["mIoU"].get(SOURCE_STYLE)
-        source = "-" if src is None or math.isnan(src) else f"{src:.1f}"
-        table.append(
-            [row[0], source, *row[1:], f"{r['trainable_params']:,}", f"{r['sec_per_iter']:.2f}"]
+    header = ["method", f"{SOURCE_STYLE} (source)", *targets, "DG avg", "trainable params"]
+    rows = []
+    for m, r in methods.items():
+        std = r.get("mIoU_std", {})
+        cells = [
+            format_mean_std(r["mIoU"].get(d, math.nan), std.get(d, math.nan))
+            for d in (SOURCE_STYLE, *targets)
+        ]
+        dg = format_mean_std(r["dg_avg"], r.get("dg_avg_std", math.nan))
+        rows.append(
+            [
+                METHODS.get(m, m),
+                *cells,
+                dg,
+                f"{r['trainable_params']:,}",
+                f"{r['sec_per_iter']:.2f}",
+            ]
         )
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        out = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
-        return "| " + " | ".join(out) + " |"
-
-    sep = "|" + "|".join(
-        "-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)
-    )
-    return "\n".join([line(table[0]), sep + "|", *(line(r) for r in table[1:])])
+    return markdown_table([*header, "s/step"], rows)
 
 
 def _font(size: int) -> Any:
@@ -433,6 +485,8 @@ _COLOURS = {
     "rein": (230, 120, 30),
     "full": (70, 110, 190),
     "lora": (80, 160, 90),
+    "soma": (150, 80, 170),
+    "recyclelora": (40, 160, 170),
 }
 
 
@@ -447,6 +501,11 @@ def draw_miou_chart(
     values = {
         m: [r["mIoU"].get(d, math.nan) for d in domains] + [r["dg_avg"]] for m, r in methods.items()
     }
+    spreads = {
+        m: [r.get("mIoU_std", {}).get(d, math.nan) for d in domains]
+        + [r.get("dg_avg_std", math.nan)]
+        for m, r in methods.items()
+    }
     top = max([v for vs in values.values() for v in vs if not math.isnan(v)] + [1.0])
     top = min(100.0, math.ceil(top / 10.0) * 10.0)
     w, h = 110 + 110 * len(groups), 440
@@ -454,7 +513,11 @@ def draw_miou_chart(
     img = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(img)
     font, small, title = _font(13), _font(11), _font(16)
-    draw.text((left, 12), "mIoU (%) per domain, trained on the source style only", "black", title)
+    n_seeds = max(len(r.get("seeds", [None])) for r in methods.values())
+    heading = "mIoU (%) per domain, trained on the source style only"
+    if n_seeds > 1:
+        heading += f" (mean, bars: ± std over {n_seeds} seeds)"
+    draw.text((left, 12), heading, "black", title)
     plot_h = h - upper - lower
     for k in range(0, int(top) + 1, 10):
         y = h - lower - plot_h * k / top
@@ -472,8 +535,17 @@ def draw_miou_chart(
             bx = x0 + mi * bar_w
             by = h - lower - plot_h * min(v, top) / top
             draw.rectangle([bx + 1, by, bx + bar_w - 1, h - lower], fill=_COLOURS.get(m, "black"))
+            sd, cx = spreads[m][gi], bx + bar_w / 2
+            if not math.isnan(sd):  # error bar: mean +/- std over the seeds
+                y_hi = h - lower - plot_h * min(v + sd, top) / top
+                y_lo = h - lower - plot_h * max(v - sd, 0.0) / top
+                cap = max(2.0, bar_w / 4)
+                draw.line([(cx, y_hi), (cx, y_lo)], fill="black", width=1)
+                draw.line([(cx - cap, y_hi), (cx + cap, y_hi)], fill="black", width=1)
+                draw.line([(cx - cap, y_lo), (cx + cap, y_lo)], fill="black", width=1)
+                by = min(by, y_hi)
             text = f"{v:.1f}" if len(names) <= 2 else f"{v:.0f}"
-            draw.text((bx + bar_w / 2, by - 2), text, "black", small, anchor="md")
+            draw.text((cx, by - 2), text, "black", small, anchor="md")
         label = (
             f"{g}\n(source)" if g == SOURCE_STYLE else ("DG avg\n(targets)" if g == "DG avg" else g)
         )
@@ -533,7 +605,8 @@ HEADER = """\
 rein demo: Rein vs. the frozen baseline under a synthetic domain shift (CPU, no downloads)
  1. Backbone: {backbone}.
  2. Train each method with the same budget ({iters} iterations x batch {batch}, AdamW lr {lr:g}
-    poly, same Mask2Former head, seed {seed}) on the source style '{source}' ONLY, with its labels.
+    poly, same Mask2Former head, seeds {seeds}) on the source style '{source}' ONLY, with its
+    labels; the same scenes for every method and seed.
  3. Evaluate on unseen scenes of every target style ({targets})
     and of the source style (in-domain reference).
 """
@@ -576,6 +649,8 @@ def run_demo(
     precision: str | None = None,
     settings: DemoSettings | None = None,
     log: Callable[[str], None] = print,
+    seeds: Sequence[int] | None = None,
+    jobs: int | None = None,
 ) -> dict[str, Any]:
     """Run the demo (see the module docstring) and return what ``results.json`` holds.
 
@@ -587,11 +662,24 @@ def run_demo(
         quick: the tiny smoke-test settings (:data:`QUICK`).
         settings: explicit settings (overrides ``quick``).
         precision: ``model.precision`` of every method ("fp32" or "bf16"; None: the settings').
+        seeds: training seeds of every method (None: the settings').
+        jobs: training runs at once, each on one thread (None: the settings').
     """
     t_start = time.perf_counter()
     settings = settings or (QUICK if quick else DEFAULT)
     if precision is not None:
         settings = dataclasses.replace(settings, precision=precision)
+    if seeds is not None:
+        settings = dataclasses.replace(settings, seeds=tuple(seeds))
+    if jobs is not None:
+        settings = dataclasses.replace(settings, jobs=jobs)
+    if not settings.seeds or len(set(settings.seeds)) != len(settings.seeds):
+        raise ValueError(
+            f"demo seeds must be distinct and at least one, got {list(settings.seeds)}; "
+            "e.g. --seeds 0 1 2"
+        )
+    if settings.jobs is not None and settings.jobs < 0:
+        raise ValueError(f"--jobs must be >= 0, got {settings.jobs} (0: in this process)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     methods = ["frozen", "rein"] + (list(COMPARED) if compare else [])
@@ -611,7 +699,7 @@ def run_demo(
             iters=settings.iters,
             batch=settings.batch_size,
             lr=settings.lr,
-            seed=settings.seed,
+            seeds=", ".join(map(str, settings.seeds)),
             source=SOURCE_STYLE,
             targets=", ".join(TARGET_STYLES),
         )
@@ -625,39 +713,80 @@ def run_demo(
         f"{settings.val_images} held-out scenes per domain (rendered in {time.perf_counter() - t0:.0f}s)"
     )
 
-    results: dict[str, dict[str, Any]] = {}
-    configs: dict[str, Config] = {}
-    models: dict[str, torch.nn.Module] = {}
     skipped: dict[str, str] = {}
+    configs: dict[tuple[str, int], Config] = {}
     for method in methods:
-        cfg = demo_config(method, settings, weights, out, backbone_name=timm_name)
         if method == "lora":
-            reason = _lora_unavailable(cfg)
+            reason = _lora_unavailable(demo_config(method, settings, weights, out, timm_name))
             if reason:
                 skipped[method] = reason
                 log(f"[lora] skipped: {reason}")
                 continue
-        models[method], results[method] = run_method(cfg, train_set, val_sets, progress, log)
-        configs[method] = cfg
+        for seed in settings.seeds:
+            configs[method, seed] = demo_config(method, settings, weights, out, timm_name, seed)
+
+    # the target images shown in predictions.png: one style per row, a different scene each
+    shown = [
+        (TARGET_STYLES[k % len(TARGET_STYLES)], k % settings.val_images)
+        for k in range(settings.num_shown)
+    ]
+    jobs = [(cfg, seed == settings.seeds[0]) for (_, seed), cfg in configs.items()]
+    n_jobs = len(jobs) if settings.jobs is None else settings.jobs
+    n_jobs = max(1, min(n_jobs, len(jobs), os.cpu_count() or 1))
+    log(
+        f"training {len(jobs)} runs ({len(configs) // len(settings.seeds)} methods x seeds "
+        f"{', '.join(map(str, settings.seeds))}), {n_jobs} at a time, one thread each"
+    )
+    if n_jobs > 1:
+        done = map_in_processes(
+            _train_runs, jobs, n_jobs, train_set, val_sets, shown, progress, _silent, True
+        )
+    else:
+        done = _train_runs(jobs, train_set, val_sets, shown, progress, log)
+    results: dict[str, dict[str, Any]] = {}
+    predictions: dict[str, list[np.ndarray]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for (method, seed), (summary, preds) in zip(configs, done):
+        runs.setdefault(method, []).append(summary)
+        if preds is not None:
+            predictions[method] = preds
+        if n_jobs > 1:  # the runs logged nothing themselves
+            log(
+                f"[{method}] seed {seed}: {summary['train_seconds']:.0f}s training "
+                f"({summary['sec_per_iter']:.2f} s/step), source {summary['source']:.1f}, "
+                f"DG avg {summary['dg_avg']:.1f} mIoU"
+            )
+    results = {m: aggregate_seeds(r) for m, r in runs.items()}
 
     domains = [SOURCE_STYLE, *TARGET_STYLES]
     table = results_table(results, TARGET_STYLES)
-    log("\nmIoU (%) on held-out scenes; DG avg = mean over the target styles\n" + table)
+    comparisons = {
+        m: compare_methods(
+            METHODS.get(m, m),
+            [r["dg_avg"] for r in runs[m]],
+            METHODS["frozen"],
+            [r["dg_avg"] for r in runs["frozen"]],
+        )
+        for m in results
+        if m != "frozen" and "frozen" in results
+    }
+    seeds_txt = f"mean ± std over seeds {', '.join(map(str, settings.seeds))}"
+    log(
+        f"\nmIoU (%) on held-out scenes, {seeds_txt}; DG avg = mean over the target styles\n"
+        + table
+    )
+    for c in comparisons.values():
+        log(c.sentence())
 
-    # pictures: target images (one style per row, a different scene each), ground truth and
-    # every method's prediction
-    shown = []
-    for k in range(settings.num_shown):
-        style = TARGET_STYLES[k % len(TARGET_STYLES)]
-        ds = val_sets[style]
-        index = k % len(ds)
-        raw = ds.load(index)
+    rows = []
+    for style, index in shown:
+        raw = val_sets[style].load(index)
         row = {"style": style, "image": raw["image"], "ground truth": raw["label"]}
         for m in results:
-            row[METHODS[m]] = _predict(models[m], ds[index], configs[m])
-        shown.append(row)
+            row[METHODS[m]] = predictions[m][len(rows)]
+        rows.append(row)
     columns = ["image", "ground truth", *(METHODS[m] for m in results)]
-    draw_predictions(shown, columns, out / "predictions.png")
+    draw_predictions(rows, columns, out / "predictions.png")
     draw_miou_chart(results, domains, out / "miou.png")
 
     report = {
@@ -667,6 +796,7 @@ def run_demo(
         "targets": list(TARGET_STYLES),
         "backbone": backbone_info,
         "methods": results,
+        "comparisons": {m: c.to_dict() for m, c in comparisons.items()},
         "skipped": skipped,
         "settings": dataclasses.asdict(settings),
         "table": table,
@@ -710,7 +840,8 @@ def _markdown_report(report: Mapping[str, Any], settings: DemoSettings) -> str:
         f"- Frozen backbone: {how}.",
         f"- Training: source style `{report['source']}` only, {settings.train_images} scenes, "
         f"{settings.iters} iterations x batch {settings.batch_size}, AdamW lr {settings.lr:g} "
-        f"(poly), seed {settings.seed}; the same budget and head for every method.",
+        f"(poly); the same budget, head and scenes for every method, each trained once per "
+        f"seed ({', '.join(map(str, settings.seeds))}: init, data order, augmentation).",
         f"- Model: the frozen ViT's blocks {list(settings.out_indices or []) or '(default)'} "
         "feed a Mask2Former "
         f"head ({settings.feat_channels} channels, {settings.num_encoder_layers} encoder / "
@@ -719,8 +850,11 @@ def _markdown_report(report: Mapping[str, Any], settings: DemoSettings) -> str:
         f"queries, scale init {settings.rein_scale_init:g} (the official settings otherwise).",
         f"- Evaluation: {settings.val_images} held-out scenes per style, sliding window, mIoU (%) "
         "over the 19 Cityscapes classes; DG avg = mean over the target styles.",
+        f"- Cells: mean ± sample std over the {len(settings.seeds)} seeds.",
         "",
         report["table"],
+        "",
+        *(f"- {Comparison(**c).sentence()}" for c in report["comparisons"].values()),
         "",
     ]
     if settings == DEFAULT:

@@ -300,9 +300,9 @@ def pretrain_vit(
     vit.train()
     bar = None
     if progress:
-        from tqdm import tqdm
+        from rein.progress import progress_bar
 
-        bar = tqdm(total=settings.steps, desc="pretrain (no labels)", dynamic_ncols=True)
+        bar = progress_bar(settings.steps, desc="pretrain (no labels)")
     losses: list[float] = []
     for step in range(settings.steps):
         for group in opt.param_groups:

@@ -596,7 +596,7 @@ def _mean(values: Any) -> float:
 def format_corruption_table(results: Mapping[str, Any], digits: int = 2) -> str:
     """Markdown table of :func:`evaluate_corruptions` results: one row per corruption, one
     column per severity, then the mean; a last row averages over the corruptions."""
-    from rein.engine.metrics import _markdown
+    from rein.engine.metrics import markdown_table
 
     sevs = [str(s) for s in results["severities"]]
 
@@ -608,4 +608,4 @@ def format_corruption_table(results: Mapping[str, Any], digits: int = 2) -> str:
         for c in results["corruptions"]
     ]
     rows.append(["mean", *(fmt(results["severity_mean"][s]) for s in sevs), fmt(results["mean"])])
-    return _markdown(["corruption", *(f"s{s}" for s in sevs), "mean"], rows)
+    return markdown_table(["corruption", *(f"s{s}" for s in sevs), "mean"], rows)

@@ -127,9 +127,9 @@ def evaluate_dataset(
 def _accumulate(model, loader, cm, eval_cfg, device, progress: bool, desc: str) -> None:
     it = loader
     if progress and is_main():
-        from tqdm import tqdm
+        from rein.progress import progress_iter
 
-        it = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+        it = progress_iter(loader, desc=desc, leave=False)
     for sample in it:
         if sample is None:  # a bad image of a skip_bad dataset (warned about by the dataset)
             continue

@@ -26,6 +26,7 @@ __all__ = [
     "dg_average",
     "format_table",
     "format_summary",
+    "markdown_table",
     "write_json_atomic",
 ]
 
@@ -185,7 +186,8 @@ def _fmt(x: Any, digits: int) -> str:
     return "-" if math.isnan(v) else f"{v:.{digits}f}"
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table, first column left-aligned, the others right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -218,7 +220,7 @@ def format_table(
     rows.append(["mIoU", *(_fmt(results[d].get("mIoU"), digits) for d in domains)])
     if all("aAcc" in results[d] for d in domains):
         rows.append(["aAcc", *(_fmt(results[d]["aAcc"], digits) for d in domains)])
-    return _markdown(["class", *domains], rows)
+    return markdown_table(["class", *domains], rows)
 
 
 def format_summary(
@@ -240,4 +242,4 @@ def format_summary(
         has_all = all(d in per for d in domains) and bool(domains)
         avg = _fmt(dg_average(per, domains), digits) if has_all else "-"
         rows.append([method, *cells, avg])
-    return _markdown(["method", *domains, avg_label], rows)
+    return markdown_table(["method", *domains, avg_label], rows)

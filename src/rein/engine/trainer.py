@@ -597,9 +597,9 @@ def train(
     end = tcfg.max_iters if stop_after is None else min(tcfg.max_iters, start + stop_after)
     bar = None
     if progress and is_main():
-        from tqdm import tqdm
+        from rein.progress import progress_bar
 
-        bar = tqdm(total=tcfg.max_iters, initial=start, desc=cfg.name, dynamic_ncols=True)
+        bar = progress_bar(tcfg.max_iters, desc=f"train {cfg.name}", initial=start)
     model.train()
     last_eval: dict[str, Any] = {}
     loss_gen = torch.Generator(device=device)
