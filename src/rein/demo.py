@@ -13,12 +13,18 @@ It needs no data, no weights and no network, and runs on 2 CPU cores in under 10
    labels: **Rein** (``model.tuning: rein``: Rein after every frozen block + the Rein-linked
    Mask2Former head) and the **frozen** baseline (``model.tuning: frozen``: the same frozen ViT
    and a plain Mask2Former head with learned queries). Same iterations, batch, learning-rate
-   schedule, head, augmentation and seed (0) for both, with :func:`rein.engine.trainer.train`.
+   schedule, head and augmentation for both, with :func:`rein.engine.trainer.train`, and each
+   method is trained once per seed (default 0, 1, 2: init, data order and augmentation), so the
+   results are a mean ± std and a one-line verdict says whether Rein's difference to the frozen
+   baseline exceeds twice its standard error. The runs go in parallel processes, each on one
+   thread, so the numbers are the same whatever ``--jobs``; they are reproducible on the same
+   machine and torch build, not bit-identical across CPUs.
 3. **Evaluation** on held-out scenes (split ``val``) of every target style (``realistic``,
    ``fog``, ``night``, ``rain``, ``snow``) and of the source style (in-domain reference): mIoU
    per domain, the DG average over the targets, trainable parameters and seconds per training
-   step. Written to ``results.json``, ``results.md``, ``predictions.png`` (target images,
-   ground truth and each method's prediction) and ``miou.png`` (per-domain bars).
+   step. Written to ``results.json`` (every seed's numbers too), ``results.md``,
+   ``predictions.png`` (target images, ground truth and each method's prediction, first seed)
+   and ``miou.png`` (per-domain bars with ± std error bars).
 
 ``--compare`` also trains full fine-tuning, LoRA (peft), SoMA and RecycleLoRA with the same
 budget (SoMA adapts the last two thirds of the blocks, as its 8-of-24 on DINOv2-L; both keep
