@@ -203,3 +203,42 @@ def assert_groups_match(model, optimizer, spec_group) -> set[str]:
             seen.add(name)
     assert seen == {n for n, p in model.named_parameters() if p.requires_grad}
     return seen
+
+
+# -- shared by the official-checkpoint tests (test_fada, test_set, test_official_checkpoints) --
+def official_round_trip(a, b, tmp_path, x) -> dict:
+    """Export ``a`` in its method's official layout, load the file into ``b`` (whose outputs on
+    ``x`` then equal ``a``'s) and export ``b`` again: the same tensors in the same key order.
+    Returns the file's state dict."""
+    from rein.interop import export_official, load_official
+
+    path, again = tmp_path / "official.pth", tmp_path / "again.pth"
+    n = export_official(a, path)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert n == len(state)
+    load_official(b, path)
+    assert torch.equal(seg(a, x), seg(b, x))
+    export_official(b, again)
+    back = torch.load(again, weights_only=True)["state_dict"]
+    assert list(back) == list(state) and all(torch.equal(back[k], state[k]) for k in state)
+    return state
+
+
+def convert_and_back(tmp_path, model_cfg, src, *import_flags: str) -> None:
+    """``rein convert`` of the official file ``src`` with a config of ``model_cfg`` (a
+    ModelConfig), then ``--to-official``: the result is ``src`` again, tensor for tensor."""
+    from dataclasses import asdict
+
+    import yaml
+
+    from rein.cli import main
+
+    config = tmp_path / "convert.yaml"
+    config.write_text(yaml.safe_dump({"model": asdict(model_cfg)}))
+    out, back = tmp_path / "ours", tmp_path / "back.pth"
+    assert main(["convert", str(config), str(src), str(out), *import_flags]) == 0
+    converted = str(out / "converted.safetensors")
+    assert main(["convert", str(config), converted, str(back), "--to-official"]) == 0
+    want = torch.load(src, weights_only=True)["state_dict"]
+    got = torch.load(back, weights_only=True)["state_dict"]
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_on_meta, perturb_trainable, seg, tiny_model_config
+from conftest import (
+    build_on_meta,
+    convert_and_back,
+    official_round_trip,
+    perturb_trainable,
+    seg,
+    tiny_model_config,
+)
 from torch.nn import functional as F
 
 from rein.cli import main
@@ -406,19 +413,10 @@ X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(7))
 
 
 def test_official_round_trip_is_exact(tmp_path):
-    a = perturb_trainable(build("faithful"))
-    path = tmp_path / "fada.pth"
-    n = export_official(a, path)
-    state = torch.load(path, weights_only=True)["state_dict"]
-    assert n == len(state) and sum(k.startswith("backbone.reins.") for k in state) == 21
+    a, b = perturb_trainable(build("faithful")), build("faithful", seed=5)
+    state = official_round_trip(a, b, tmp_path, X)
+    assert sum(k.startswith("backbone.reins.") for k in state) == 21
     assert official_method(state) == "fada"
-    b = build("faithful", seed=5)
-    load_official(b, path)
-    assert torch.equal(seg(a, X), seg(b, X))
-    again = tmp_path / "again.pth"
-    export_official(b, again)
-    back = torch.load(again, weights_only=True)["state_dict"]
-    assert sorted(back) == sorted(state) and all(torch.equal(back[k], state[k]) for k in state)
 
 
 def test_fixed_mode_exports_the_haar_bank_and_warns_when_it_drops_trained_filters(tmp_path):
@@ -464,22 +462,8 @@ def test_full_rank_fada_file_into_a_lora_config_names_the_keys(tmp_path):
 
 
 def test_cli_convert_and_back_reproduces_the_official_file(tmp_path):
-    from dataclasses import asdict
-
-    import yaml
-
-    a = perturb_trainable(build("faithful"))
     src = tmp_path / "official.pth"
-    export_official(a, src)
-    model_cfg = asdict(tiny_model_config("fada"))
-    model_cfg["tuning_options"] = {"wavelet_mode": "faithful", "channel_grid_width": 4}
-    config = tmp_path / "fada.yaml"
-    config.write_text(yaml.safe_dump({"model": model_cfg}))
-    out = tmp_path / "ours"
-    assert main(["convert", str(config), str(src), str(out)]) == 0
-    back = tmp_path / "back.pth"
-    converted = str(out / "converted.safetensors")
-    assert main(["convert", str(config), converted, str(back), "--to-official"]) == 0
-    want = torch.load(src, weights_only=True)["state_dict"]
-    got = torch.load(back, weights_only=True)["state_dict"]
-    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    export_official(perturb_trainable(build("faithful")), src)
+    cfg = tiny_model_config("fada")
+    cfg.tuning_options = {"wavelet_mode": "faithful", "channel_grid_width": 4}
+    convert_and_back(tmp_path, cfg, src)

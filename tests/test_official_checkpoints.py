@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import open_layerscale, perturb_trainable, seg, tiny_model_config
+from conftest import convert_and_back, open_layerscale, perturb_trainable, seg, tiny_model_config
 
 from rein.cli import main
 from rein.config import load_config
@@ -188,26 +188,9 @@ def test_recyclelora_file_of_another_rank_names_both(tmp_path):
 
 
 def test_cli_convert_and_back_reproduces_the_official_file(tmp_path):
-    a = perturb_trainable(build("recyclelora"))
     src = tmp_path / "official.pth"
-    export_official(a, src)
-    config = tmp_path / "recyclelora.yaml"
-    model_cfg = asdict(tiny_model_config("recyclelora"))
-    model_cfg["tuning_options"] = dict(RECYCLE)
-    config.write_text(yaml.safe_dump({"model": model_cfg}))
-    out = tmp_path / "ours"
-    assert main(["convert", str(config), str(src), str(out), "--keep-frozen"]) == 0
-    back = tmp_path / "back.pth"
-    assert (
-        main(
-            ["convert", str(config), str(out / "converted.safetensors"), str(back), "--to-official"]
-        )
-        == 0
-    )
-    want = torch.load(src, weights_only=True)["state_dict"]
-    got = torch.load(back, weights_only=True)["state_dict"]
-    assert sorted(got) == sorted(want)
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    export_official(perturb_trainable(build("recyclelora")), src)
+    convert_and_back(tmp_path, model_cfg_of("recyclelora", **RECYCLE), src, "--keep-frozen")
 
 
 # -- files of another method --------------------------------------------------------------------

@@ -15,6 +15,8 @@ import torch
 from conftest import (
     assert_groups_match,
     build_on_meta,
+    convert_and_back,
+    official_round_trip,
     perturb_trainable,
     seg,
     tiny_model_config,
@@ -314,14 +316,11 @@ def test_dinov2_large_official_layout(large_on_meta):
         "learnable_tokens2": (24, 100, 1024),
         "learnable_tokens_a": (24, 100, 16),
         "learnable_tokens_b": (24, 16, 1024),
-        "mlp_token2feat.weight": (1024, 1024),
-        "mlp_token2feat.bias": (1024,),
-        "mlp_delta_f.weight": (1024, 1024),
-        "mlp_delta_f.bias": (1024,),
-        "mlp_token2feat2.weight": (1024, 1024),
-        "mlp_token2feat2.bias": (1024,),
-        "mlp_delta_f2.weight": (1024, 1024),
-        "mlp_delta_f2.bias": (1024,),
+        **{
+            f"{mlp}.{p}": (1024, 1024) if p == "weight" else (1024,)
+            for mlp in ("mlp_token2feat", "mlp_delta_f", "mlp_token2feat2", "mlp_delta_f2")
+            for p in ("weight", "bias")
+        },
         "transform.weight": (256, 1024),
         "transform.bias": (256,),
         "merge.weight": (256, 768),
@@ -337,19 +336,9 @@ X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
 
 
 def test_official_round_trip_is_exact(tmp_path):
-    a = perturb_trainable(build())
-    path = tmp_path / "set.pth"
-    n = export_official(a, path)
-    state = torch.load(path, weights_only=True)["state_dict"]
-    assert n == len(state) and sum(k.startswith("backbone.reins.") for k in state) == 16
+    state = official_round_trip(perturb_trainable(build()), build(seed=5), tmp_path, X)
+    assert sum(k.startswith("backbone.reins.") for k in state) == 16
     assert official_method(state) == "set"
-    b = build(seed=5)
-    load_official(b, path)
-    assert torch.equal(seg(a, X), seg(b, X))
-    again = tmp_path / "again.pth"
-    export_official(b, again)
-    back = torch.load(again, weights_only=True)["state_dict"]
-    assert list(back) == list(state) and all(torch.equal(back[k], state[k]) for k in state)
 
 
 def test_rein_fada_and_set_files_are_told_apart_and_refused_across(tmp_path):
@@ -371,21 +360,8 @@ def test_rein_fada_and_set_files_are_told_apart_and_refused_across(tmp_path):
 
 
 def test_cli_convert_and_back_reproduces_the_official_file(tmp_path):
-    from dataclasses import asdict
-
-    import yaml
-
-    src = tmp_path / "official.pth"
+    src = tmp_path / "set.pth"
     export_official(perturb_trainable(build()), src)
-    model_cfg = asdict(tiny_model_config("set"))
-    model_cfg["tuning_options"] = {"fft_mode": "per_image"}  # same tensors as faithful
-    config = tmp_path / "set.yaml"
-    config.write_text(yaml.safe_dump({"model": model_cfg}))
-    out = tmp_path / "ours"
-    assert main(["convert", str(config), str(src), str(out)]) == 0
-    back = tmp_path / "back.pth"
-    converted = str(out / "converted.safetensors")
-    assert main(["convert", str(config), converted, str(back), "--to-official"]) == 0
-    want = torch.load(src, weights_only=True)["state_dict"]
-    got = torch.load(back, weights_only=True)["state_dict"]
-    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    cfg = tiny_model_config("set")
+    cfg.tuning_options = {"fft_mode": "per_image"}  # the same tensors as faithful
+    convert_and_back(tmp_path, cfg, src)

@@ -141,28 +141,19 @@ class WavePool(nn.Module):
 class FADAReins(TwoBranchReins):
     """FADA's module after every block: two Rein branches on the low / high Haar bands.
 
-    Args (beyond :class:`~rein.reins.Reins`'s):
-        lora_dim: rank of the token factors (``None``: full-rank tokens, the official ``Reins``).
+    Args: those of :class:`~rein.methods.two_branch.TwoBranchReins` (keywords) but the branch
+    layout, which is FADA's (C/4 and 3C/4, both LoRA unless ``lora_dim`` is None), and:
         wavelet_mode: ``faithful`` (official layout, trainable per-channel filters) or ``fixed``.
         channel_grid_width: ``fixed``: row length k of each token's channel grid.
     """
 
-    method_name = "fada"
-
     def __init__(
         self,
-        num_layers: int,
+        *,
         embed_dims: int,
-        patch_size: int,
-        query_dims: int = 256,
-        token_length: int = 100,
-        lora_dim: int | None = 16,
-        use_softmax: bool = True,
-        link_token_to_query: bool = True,
-        scale_init: float = 1e-3,
-        zero_mlp_delta_f: bool = False,
         wavelet_mode: str = "faithful",
         channel_grid_width: int = 32,
+        **kwargs: Any,
     ) -> None:
         if wavelet_mode not in WAVELET_MODES:
             raise ValueError(f"wavelet_mode must be one of {WAVELET_MODES}, got {wavelet_mode!r}")
@@ -185,18 +176,10 @@ class FADAReins(TwoBranchReins):
         #: (rows, columns) of the last input's patch grid, for error messages only
         self.grid_hint: tuple[int, int] | None = None
         super().__init__(
-            num_layers=num_layers,
             embed_dims=embed_dims,
-            patch_size=patch_size,
             branch_dims=(self.low_dims, self.high_dims),
             branch_lora=(True, True),
-            query_dims=query_dims,
-            token_length=token_length,
-            lora_dim=lora_dim,
-            use_softmax=use_softmax,
-            link_token_to_query=link_token_to_query,
-            scale_init=scale_init,
-            zero_mlp_delta_f=zero_mlp_delta_f,
+            **kwargs,
         )
 
     # -- the filters (official order: after the four MLPs, before transform and merge) --------

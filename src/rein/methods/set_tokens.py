@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Collection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -80,45 +80,23 @@ class SETReins(TwoBranchReins):
     """SET's module after every block: Rein on the phase (LoRA tokens) and on the amplitude
     (full-rank tokens, instance norm) of the features' FFT.
 
-    Args (beyond :class:`~rein.reins.Reins`'s):
-        lora_dim: rank of the branch-1 token factors (``None``: full-rank, the official
-            ``Reins``); branch 2 is always full rank.
+    Args: those of :class:`~rein.methods.two_branch.TwoBranchReins` (keywords) but the branch
+    layout, which is SET's (both C wide; branch 1 LoRA unless ``lora_dim`` is None, branch 2
+    always full rank), and:
         fft_mode: ``faithful`` (official: FFT over image and channel) or ``per_image``.
     """
 
-    method_name = "set"
     token_order = (2, 1)  # the official LoRAReins adds learnable_tokens_a/_b last
 
-    def __init__(
-        self,
-        num_layers: int,
-        embed_dims: int,
-        patch_size: int,
-        query_dims: int = 256,
-        token_length: int = 100,
-        lora_dim: int | None = 16,
-        use_softmax: bool = True,
-        link_token_to_query: bool = True,
-        scale_init: float = 1e-3,
-        zero_mlp_delta_f: bool = False,
-        fft_mode: str = "faithful",
-    ) -> None:
+    def __init__(self, *, embed_dims: int, fft_mode: str = "faithful", **kwargs: Any) -> None:
         if fft_mode not in FFT_MODES:
             raise ValueError(f"fft_mode must be one of {FFT_MODES}, got {fft_mode!r}")
         self.fft_mode = fft_mode
         super().__init__(
-            num_layers=num_layers,
             embed_dims=embed_dims,
-            patch_size=patch_size,
             branch_dims=(embed_dims, embed_dims),
             branch_lora=(True, False),
-            query_dims=query_dims,
-            token_length=token_length,
-            lora_dim=lora_dim,
-            use_softmax=use_softmax,
-            link_token_to_query=link_token_to_query,
-            scale_init=scale_init,
-            zero_mlp_delta_f=zero_mlp_delta_f,
+            **kwargs,
         )
 
     def split(self, feats: Tensor) -> tuple[Tensor, Tensor]:

@@ -54,8 +54,6 @@ class TwoBranchReins(Reins):
         lora_dim: rank of the LoRA token factors.
     """
 
-    #: ``tuning`` name, for error messages
-    method_name: ClassVar[str] = ""
     #: the order in which the official module creates its token tensors (state_dict order)
     token_order: ClassVar[tuple[int, int]] = (1, 2)
 
