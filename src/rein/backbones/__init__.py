@@ -7,7 +7,7 @@ its class:
 timm class (module)                          wrapper              Rein
 ===========================================  ===================  ==============================
 ``VisionTransformer`` (DINOv2, CLIP, MAE)    :class:`ReinViT`     after every block, patch tokens
-``Eva`` (EVA02, RoPE)                        :class:`ReinEva`     after every block, patch tokens
+``Eva`` (EVA02, DINOv3; RoPE)               :class:`ReinEva`     after every block, patch tokens
 ``VisionTransformerSAM`` (SAM encoder)       :class:`ReinSAM`     after every block, all tokens
 ``ConvNeXt``, ``ResNet``                     :class:`ReinConvNet` after every stage (StageReins)
 ===========================================  ===================  ==============================
@@ -77,8 +77,8 @@ def backbone_family(name: str) -> str:
     if module not in _FAMILIES:
         raise ValueError(
             f"backbone '{name}' (timm module '{module}') is not supported; supported timm "
-            f"modules: {', '.join(sorted(_FAMILIES))} (ViT/DINOv2/CLIP/MAE, EVA, SAM, "
-            f"ConvNeXt, ResNet)"
+            f"modules: {', '.join(sorted(_FAMILIES))} (ViT/DINOv2/CLIP/MAE, EVA/DINOv3, "
+            f"SAM, ConvNeXt, ResNet)"
         )
     return _FAMILIES[module]
 

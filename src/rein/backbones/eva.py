@@ -8,6 +8,16 @@ embedding to that grid and computes the rotary table for it (scaled against the 
 ``ref_feat_shape``, EVA02's "interpolated frequencies"). The tokens then go through the blocks
 exactly as in timm's ``forward_intermediates``, with Rein on the patch tokens after each block
 (class token untouched), and the outputs are taken and resized as in :class:`ReinViT`.
+
+DINOv3 (timm ``vit_{small,base,large,huge_plus}_patch16_dinov3``) is an ``Eva`` too: RoPE only
+(no absolute positions; timm's ``dinov3`` rotary type, one table for all blocks, not ``mixed``),
+a class token and 4 registers (the 5 prefix tokens pass every Rein untouched and are dropped from
+the outputs), LayerScale, and a SwiGLU MLP (``mlp.fc1_g`` / ``fc1_x`` / ``fc2``) for H+.
+
+A weight-space method may wrap an attention's fused ``qkv`` (SoMA, RecycleLoRA, LoRA). With a qkv
+bias (EVA02, DINOv3 ``_qkvb``) timm's ``EvaAttention`` computes ``F.linear(x, qkv.weight, bias)``
+and would bypass the wrapper; :meth:`ReinEva.forward` therefore switches such an attention to
+``qkv_bias_separate`` (``qkv(x)``, then the q/k/v bias added: the same sum).
 """
 
 from __future__ import annotations
@@ -60,8 +70,17 @@ class ReinEva(ReinViT):
         tokens, h, w, _ = self.embed_with_rope(x)
         return tokens, h, w
 
+    def route_wrapped_qkv(self) -> None:
+        """Let every attention whose fused ``qkv`` is wrapped call it as a module (see above)."""
+        for block in self.vit.blocks:
+            attn = getattr(block, "attn", None)
+            qkv = getattr(attn, "qkv", None)
+            if qkv is not None and type(qkv) is not nn.Linear and getattr(attn, "q_bias", None) is not None:
+                attn.qkv_bias_separate = True
+
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
         """Images (B, 3, H, W) -> ([4 maps at strides 4/8/16/32], queries (m, Q) or None)."""
+        self.route_wrapped_qkv()
         tokens, h, w, rope = self.embed_with_rope(x)
         if rope is not None and getattr(self.vit, "rope_mixed", False):
             return self.forward_tokens(tokens, h, w, lambda i: {"rope": rope[i]})  # per depth

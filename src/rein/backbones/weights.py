@@ -12,6 +12,10 @@ Sources, in the order :func:`load_backbone_weights` tries them:
   ``mlp.w12`` / ``mlp.w3``). Wrappers such as ``{"state_dict": ...}``, ``{"model": ...}`` or
   ``{"teacher": ...}`` and the prefixes ``module.``/``backbone.`` are removed, and classifier
   keys the headless model lacks (``fc.*``, ``head.*``) are dropped.
+* for DINOv3 (a timm ``Eva``), the **original Meta layout** (``storage_tokens``,
+  ``rope_embed.periods``, ``blocks.{i}.attn.qkv.{bias,bias_mask}``, ``ls1.gamma``, H+'s SwiGLU
+  as ``mlp.w1/w2/w3``, ``mask_token``): :func:`dinov3_to_timm` converts it with timm's own
+  ``checkpoint_filter_fn``.
 
 Conversions to the model's shapes, by family:
 
@@ -46,6 +50,7 @@ __all__ = [
     "normalize_vit_keys",
     "convert_vit_state_dict",
     "convert_sam_state_dict",
+    "dinov3_to_timm",
     "load_backbone_weights",
 ]
 
@@ -225,6 +230,41 @@ def convert_sam_state_dict(
     return out
 
 
+def is_dinov3_original(state: Mapping[str, Tensor]) -> bool:
+    """Whether ``state`` (prefixes stripped) is in the original Meta DINOv3 layout."""
+    return "storage_tokens" in state
+
+
+def dinov3_to_timm(state: Mapping[str, Tensor], model: nn.Module, src: str) -> dict[str, Tensor]:
+    """An original Meta DINOv3 state dict in timm's ``Eva`` layout, by timm's own filter.
+
+    timm's ``checkpoint_filter_fn`` renames ``storage_tokens`` -> ``reg_token``, ``ls{1,2}.gamma``
+    -> ``gamma_{1,2}``, ``mlp.w1/w2/w3`` -> ``mlp.fc1_g/fc1_x/fc2``, splits ``attn.qkv.bias`` into
+    ``q_bias`` / ``v_bias`` (DINOv3 masks the k part to 0, timm keeps it a zero buffer) and drops
+    ``mask_token``, ``rope_embed.periods`` and the ``bias_mask`` buffers. For a model without a
+    qkv bias (the timm names without ``_qkvb``) it drops the bias; here that is allowed only when
+    its q and v parts are zero (they are in Meta's released S/B/L/H+ files), otherwise the load
+    would change the model, and a :class:`WeightsError` names the ``_qkvb`` variant to use.
+    """
+    from timm.models.eva import checkpoint_filter_fn
+
+    out = dict(state)
+    for key in [k for k in out if k.endswith(".attn.qkv.bias")]:
+        try:
+            model.get_parameter(key.replace("qkv.bias", "q_bias"))
+            continue  # the model has q_bias / v_bias: timm's filter splits the bias
+        except AttributeError:
+            pass
+        q, _, v = out[key].chunk(3, dim=-1)  # the k part is masked (bias_mask) in DINOv3
+        if q.any() or v.any():
+            raise WeightsError(
+                f"{key} in {src} is not zero but the model has no qkv bias; use the timm name "
+                f"with '_qkvb' (e.g. vit_large_patch16_dinov3_qkvb) for this file"
+            )
+        del out[key]
+    return checkpoint_filter_fn(out, model)
+
+
 def _timm_pretrained_state(name: str) -> dict[str, Tensor]:
     import timm
 
@@ -254,6 +294,8 @@ def load_backbone_weights(backbone: nn.Module, source: str | Path, model_name: s
         state = read_state_dict(src)
     state = normalize_vit_keys(state)
     model = backbone.timm_model  # type: ignore[attr-defined]
+    if is_dinov3_original(state) and _is_eva(model):
+        state = dinov3_to_timm(state, model, src)
     prefix = next(n for n, m in backbone.named_children() if m is model)
     own = model.state_dict()
     state = _drop_classifier(state, model, own)
@@ -281,6 +323,12 @@ def load_backbone_weights(backbone: nn.Module, source: str | Path, model_name: s
             dst.copy_(v.to(dst.dtype))  # type: ignore[union-attr]
 
 
+def _is_eva(model: nn.Module) -> bool:
+    from timm.models.eva import Eva
+
+    return isinstance(model, Eva)
+
+
 def _drop_classifier(
     state: dict[str, Tensor], model: nn.Module, own: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
@@ -300,6 +348,9 @@ def _fit_vit_state(
     state: dict[str, Tensor], backbone: nn.Module, vit: nn.Module
 ) -> dict[str, Tensor]:
     """Class-position folding (registers) + patch-kernel / positional-grid conversion."""
+    if getattr(vit, "pos_embed", None) is None:  # RoPE only (DINOv3): the patch kernel only
+        _resize_patch_kernel(state, backbone.patch_size)  # type: ignore[arg-type]
+        return state
     n_prefix = getattr(backbone, "num_prefix_tokens", 1)
     n_prefix_pos = 0 if getattr(vit, "no_embed_class", False) else n_prefix
     pos = state.get("pos_embed")
@@ -317,8 +368,6 @@ def _fit_vit_state(
 
 
 def _grid_of(vit: nn.Module, n_prefix_pos: int) -> tuple[int, int]:
-    if getattr(vit, "pos_embed", None) is None:
-        return tuple(vit.patch_embed.grid_size)  # type: ignore[return-value]
     n = vit.pos_embed.shape[1] - n_prefix_pos
     g = math.isqrt(n)
     return (g, g)
@@ -334,14 +383,14 @@ def check_state_dict(state: Mapping[str, Tensor], target: Mapping[str, Tensor], 
         if k in state and tuple(state[k].shape) != tuple(target[k].shape)
     ]
     if missing or unexpected or shapes:
-        lines = [f"weights in {src} do not fit the backbone:"]
+        parts = []
         if shapes:
-            lines.append(f"  shape mismatch ({len(shapes)}), first: {shapes[0]}")
+            parts.append(f"shape mismatch ({len(shapes)}), first: {shapes[0]}")
         if missing:
-            lines.append(f"  missing ({len(missing)}): {', '.join(missing[:5])}")
+            parts.append(f"missing ({len(missing)}): {', '.join(missing[:5])}")
         if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:5])}")
-        lines.append(
-            "  hint: check `model.backbone.name` (family, size S/B/L/g, registers) matches the file"
+            parts.append(f"unexpected ({len(unexpected)}): {', '.join(unexpected[:5])}")
+        raise WeightsError(
+            f"weights in {src} do not fit the backbone: {'; '.join(parts)}; hint: check "
+            "`model.backbone.name` (family, size S/B/L/g, registers) matches the file"
         )
-        raise WeightsError("\n".join(lines))

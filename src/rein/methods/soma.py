@@ -18,7 +18,8 @@ kept fused; its three C x C row blocks q / k / v get three independent adapters,
 SVD of its own block (never one SVD of the fused matrix), and the deltas are concatenated.
 Adapted: the Linear layers named by ``targets`` (default qkv, proj, fc1, fc2) in every running
 block with index >= ``start_block`` (8). Trainable (spec section 6): the adapters, the biases of
-the adapted linears (for the fused qkv: its bias) and ``mask_token``; everything else is frozen.
+the adapted linears (for the fused qkv: its bias; timm's Eva keeps it as ``attn.q_bias`` /
+``attn.v_bias``) and ``mask_token``; everything else is frozen.
 
 On the meta device (``rein params``) the SVD cannot run: the adapters are only allocated (meta
 tensors of the right shape) and ``W_res`` stays the meta weight; counts are exact.
@@ -397,12 +398,16 @@ class SoMAMethod(TuningMethod):
 
     # -- what trains --------------------------------------------------------------------------
     def _adapted_bias(self, name: str) -> bool:
-        if not name.endswith(".base_layer.bias"):
-            return False
         match = _BLOCK_INDEX.search(name)
         if match is None or int(match.group(1)) < self.options.start_block:
             return False
-        return _matches(name[match.end() : -len(".base_layer.bias")], self.options.targets)
+        rest = name[match.end() :]
+        if rest.endswith(".base_layer.bias"):
+            return _matches(rest[: -len(".base_layer.bias")], self.options.targets)
+        # timm's Eva (EVA02, DINOv3 _qkvb) keeps the fused qkv's bias beside it: attn.q_bias and
+        # attn.v_bias (its k bias is a fixed zero buffer)
+        parent, _, leaf = rest.rpartition(".")
+        return leaf in ("q_bias", "v_bias") and _matches(f"{parent}.qkv", self.options.targets)
 
     def report_group(self, name: str) -> str | None:
         return "soma" if name.startswith("backbone.") and ".lora_" in name else None
