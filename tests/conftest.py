@@ -242,3 +242,17 @@ def convert_and_back(tmp_path, model_cfg, src, *import_flags: str) -> None:
     want = torch.load(src, weights_only=True)["state_dict"]
     got = torch.load(back, weights_only=True)["state_dict"]
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def params_rows(capsys, config, *args: str) -> dict:
+    """``rein params CONFIG ARGS`` as ``{group: [total, trainable]}`` (the printed strings),
+    plus ``tuning``: the method named in the header."""
+    import re
+
+    from rein.cli import main
+
+    assert main(["params", str(config), *args]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines() if line.strip()}
+    rows["tuning"] = re.search(r"tuning=(\S+?),", out).group(1)
+    return rows

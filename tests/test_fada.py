@@ -16,13 +16,13 @@ from conftest import (
     build_on_meta,
     convert_and_back,
     official_round_trip,
+    params_rows,
     perturb_trainable,
     seg,
     tiny_model_config,
 )
 from torch.nn import functional as F
 
-from rein.cli import main
 from rein.config import load_config
 from rein.engine.optim import build_optimizer
 from rein.interop import InteropError, export_official, load_official, official_method
@@ -356,10 +356,8 @@ def test_dinov2_large_fixed_trains_the_filters_fewer():
 
 
 def test_params_cli_reports_fada(capsys):
-    main(["params", str(CONFIG)])
-    out = capsys.readouterr().out
-    assert "tuning=fada" in out
-    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines() if line.strip()}
+    rows = params_rows(capsys, CONFIG)
+    assert rows["tuning"] == "fada"
     assert rows["fada"] == ["2,061,825", "2,061,825"]
     assert rows["total"] == ["326,841,301", "22,641,621"]
 

@@ -17,6 +17,7 @@ from conftest import (
     build_on_meta,
     convert_and_back,
     official_round_trip,
+    params_rows,
     perturb_trainable,
     seg,
     tiny_model_config,
@@ -25,7 +26,6 @@ from conftest import (
 from torch import nn
 from torch.nn import functional as F
 
-from rein.cli import main
 from rein.config import load_config
 from rein.engine.optim import build_optimizer
 from rein.interop import InteropError, export_official, load_official, official_method
@@ -287,23 +287,12 @@ def large_on_meta():
     return build_on_meta(CONFIG)
 
 
-def test_dinov2_large_counts_on_meta(large_on_meta):
-    _, m = large_on_meta
-    groups = m.parameter_groups()
-    assert groups["set"] == (7_546_881, 7_546_881)
-    assert groups["backbone"] == (304_199_680, 0)
-    assert groups["head"] == (20_579_796, 20_579_796)
-    total = sum(t for t, _ in groups.values())
-    trainable = sum(t for _, t in groups.values())
-    assert (total, trainable) == (332_326_357, 28_126_677)
-
-
-def test_params_cli_reports_set(capsys):
-    main(["params", str(CONFIG)])
-    out = capsys.readouterr().out
-    assert "tuning=set" in out
-    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines() if line.strip()}
+def test_params_cli_prints_the_dinov2_large_counts(capsys):
+    rows = params_rows(capsys, CONFIG)
+    assert rows["tuning"] == "set"
     assert rows["set"] == ["7,546,881", "7,546,881"]
+    assert rows["backbone"] == ["304,199,680", "0"]
+    assert rows["head"] == ["20,579,796", "20,579,796"]
     assert rows["total"] == ["332,326,357", "28,126,677"]
 
 
