@@ -1,4 +1,4 @@
-"""Interoperability with the official checkpoints of Rein, SoMA and RecycleLoRA (mmseg 1.x).
+"""Interoperability with the official checkpoints of Rein and its successors (mmseg 1.x).
 
 Each official codebase writes ``{"meta": ..., "state_dict": ...}`` in its own layout:
 
@@ -10,6 +10,10 @@ Each official codebase writes ``{"meta": ..., "state_dict": ...}`` in its own la
   ``mask_token`` and the head (679 keys). See :mod:`rein.methods.soma`.
 * **RecycleLoRA** keeps the whole model in Rein's layout plus ``lora_{A,B}_{main,sub}`` on every
   adapted linear (1019 keys), whose ``weight`` is the residual. See :mod:`rein.methods.recyclelora`.
+* **FADA** and **SET**, forks of Rein's code, keep Rein's layout (trainable weights only) with
+  their own ``backbone.reins.*`` tensors (FADA: 21 + 292 head keys, SET: 16 + 292 for
+  DINOv2-L), told apart by their second token set and FADA's filters. See
+  :mod:`rein.methods.fada` and :mod:`rein.methods.set_tokens`.
 
 The tuning method of the model (``model.tuning``) owns its layout: it maps names both ways
 (:meth:`~rein.methods.base.TuningMethod.official_to_ours`), checks ranks, and prepares the
