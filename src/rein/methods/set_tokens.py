@@ -18,6 +18,12 @@ C x C, ``transform`` is Linear(C -> Q) on the branch-1 tokens. Parameter names a
 the official module, so its checkpoints (``scale``, ``learnable_tokens2``,
 ``learnable_tokens_a/_b``, the four MLPs, ``transform``, ``merge`` + the Rein head) map one to one.
 
+Initialisation (the spec gives FADA's bounds, section 9, not SET's): FADA's pattern at SET's
+widths, which is Rein's at C. Branch-1 LoRA factors U(+-sqrt(6 / (3 p^2 + sqrt(C r)))) (0.081832
+for DINOv2-L), branch-2 tokens U(+-sqrt(6 / (3 p^2 + C))) (0.057864), kaiming-uniform(a=sqrt 5)
+MLP weights with torch's default biases, ``scale`` 1e-3; the official ``reins.py`` draws the
+same distributions (seeded parity is not a goal: load state dicts instead).
+
 Which FFT (``model.tuning_options.fft_mode``):
 
 * ``faithful`` (default): the official numerics. The official module works on the seq-first
