@@ -1,5 +1,5 @@
 """Every backbone family of the paper through timm: ViT (DINOv2-reg, CLIP, MAE), EVA02, SAM,
-ConvNeXt and ResNet, as tiny random models (no downloads)."""
+ConvNeXt and ResNet, plus DINOv3 (an Eva), as tiny random models (no downloads)."""
 
 from pathlib import Path
 
@@ -29,6 +29,7 @@ FAMILIES = {
     "clip": ("vit_large_patch14_clip_quickgelu_224.openai", TINY_VIT, ReinViT, [32] * 4),
     "mae": ("vit_large_patch16_224.mae", TINY_VIT, ReinViT, [32] * 4),
     "eva02": ("eva02_large_patch14_224.mim_m38m", TINY_VIT, ReinEva, [32] * 4),
+    "dinov3": ("vit_large_patch16_dinov3", TINY_VIT, ReinEva, [32] * 4),
     "sam": (
         "samvit_base_patch16",
         # window 3 on a 4x4 grid: windows with padding; blocks 1 and 3 global
@@ -241,7 +242,7 @@ def test_segmentor_forward_and_padding(family):
 
 
 # -- weights --------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["clip", "eva02", "convnext", "resnet"])
+@pytest.mark.parametrize("family", ["clip", "eva02", "dinov3", "convnext", "resnet"])
 def test_weights_in_timm_layout_load_strictly(family, tmp_path):
     src = tiny_backbone(family, seed=1)
     state = {k: v.clone() for k, v in src.timm_model.state_dict().items()}
@@ -345,6 +346,10 @@ FAMILY_CONFIGS = {
     "clip-l": (ReinViT, 1024, [7, 11, 15, 23]),
     "mae-l": (ReinViT, 1024, [7, 11, 15, 23]),
     "eva02-l": (ReinEva, 1024, [7, 11, 15, 23]),
+    "dinov3-s": (ReinEva, 384, [3, 5, 7, 11]),
+    "dinov3-b": (ReinEva, 768, [3, 5, 7, 11]),
+    "dinov3-l": (ReinEva, 1024, [7, 11, 15, 23]),
+    "dinov3-hplus": (ReinEva, 1280, [7, 15, 23, 31]),
     "sam-h": (ReinSAM, 1280, [7, 15, 23, 31]),
     "convnext-l": (ReinConvNet, 1536, [0, 1, 2, 3]),
     "resnet50": (ReinConvNet, 2048, [0, 1, 2, 3]),

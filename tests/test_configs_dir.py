@@ -59,4 +59,5 @@ def test_soma_and_recyclelora_configs_build_with_the_official_evaluation(path):
 PADDED = {
     "recyclelora_dinov2-l_mask2former_gta_512",
     "recyclelora_dinov2-l_mask2former_citys2bm_512",
+    *(f"recyclelora_dinov3-{size}_mask2former_gta_512" for size in ("s", "b", "l", "hplus")),
 }
