@@ -254,6 +254,9 @@ class TrainConfig:
     # EMA of the trainable weights (null: none); evaluation and checkpoints use the average.
     ema_momentum: float | None = None
     ema_begin_iter: int = 0  # before it the average follows the live weights
+    # torch.compile the training forward (eval / predict stay eager). The first iterations
+    # compile (minutes on a CPU); the losses match eager within float rounding.
+    compile: bool = False
 
 
 @dataclass

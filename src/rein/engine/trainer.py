@@ -542,6 +542,11 @@ def train(
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    forward: Callable[..., Any] = ddp_model
+    if tcfg.compile:  # train.compile: the training forward only; eval and saving use `model`
+        from rein.engine.compile import compile_forward
+
+        forward = compile_forward(ddp_model)
 
     # 3. data: an infinite stream whose position is a function of the iteration
     subsets: list[dict[str, Any]] = []
@@ -621,7 +626,7 @@ def train(
                 sync = micro == tcfg.grad_accum - 1 or world == 1
                 ctx = nullcontext() if sync else ddp_model.no_sync()  # type: ignore[operator]
                 with ctx, _autocast(tcfg.amp, device):
-                    cls_preds, mask_preds = ddp_model(images)
+                    cls_preds, mask_preds = forward(images)
                     losses = model.criterion(cls_preds, mask_preds, labels, generator=loss_gen)  # type: ignore[union-attr, operator]
                 scaler.scale(losses["loss"] / tcfg.grad_accum).backward()
                 for k in ("loss", "loss_cls", "loss_mask", "loss_dice"):
