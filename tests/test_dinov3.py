@@ -12,7 +12,6 @@ from timm.layers import SwiGLU
 from rein.backbones import ReinEva, build_backbone
 from rein.backbones.weights import WeightsError, load_backbone_weights
 from rein.config import config_from_dict
-from rein.methods.soma import SoMAQKV
 from rein.segmentor import build_segmentor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -23,6 +22,7 @@ OPTIONS = {
     "rein": {},
     "soma": {"start_block": 2, "rank": 4, "alpha": 4},
     "recyclelora": {"r_max": 6, "r_main": 4},
+    "lora": {"rank": 4},  # peft LoRA on the fused qkv
 }
 
 
@@ -31,7 +31,10 @@ def swiglu_targets(name: str) -> dict:
 
 
 def tiny_cfg(tuning: str = "rein", name: str = L16, **backbone):
-    options = {**OPTIONS[tuning], **(swiglu_targets(name) if tuning != "rein" else {})}
+    options = {
+        **OPTIONS[tuning],
+        **(swiglu_targets(name) if tuning in ("soma", "recyclelora") else {}),
+    }
     return config_from_dict(
         {
             "model": {
@@ -110,13 +113,16 @@ def test_each_method_trains_and_frozen_weights_get_no_gradient(tuning, name):
     train_steps_move_only_trainable(model, lambda k: k in trainable, steps=4)
 
 
-@pytest.mark.parametrize("tuning", ["soma", "recyclelora"])
-def test_adapters_start_as_the_pretrained_model_and_act_through_the_qkv_bias(tuning):
-    """On the _qkvb H+ (qkv bias beside the fused qkv, SwiGLU) the adapted model starts as the
+@pytest.mark.parametrize(
+    ("tuning", "name"),
+    [("soma", HPLUS_QKVB), ("recyclelora", HPLUS_QKVB), ("lora", HPLUS_QKVB)],
+)
+def test_qkv_adapters_start_as_the_frozen_model_and_reach_the_output(tuning, name):
+    """With a qkv bias beside the fused qkv (DINOv3 _qkvb) the adapted model starts as the
     frozen one, and the qkv adapters do reach the output (timm's biased path would skip them)."""
     x = torch.randn(1, 3, 64, 64)
-    m = tiny_segmentor(tuning, HPLUS_QKVB).eval()
-    plain = build_backbone(tiny_cfg(tuning, HPLUS_QKVB)).eval()  # not adapted, same init seed
+    m = tiny_segmentor(tuning, name).eval()
+    plain = build_backbone(tiny_cfg(tuning, name)).eval()  # not adapted, same init seed
     open_gammas(plain.vit)
     assert plain.vit.blocks[2].attn.q_bias is not None
     with torch.no_grad():
@@ -124,13 +130,17 @@ def test_adapters_start_as_the_pretrained_model_and_act_through_the_qkv_bias(tun
         got = m.backbone(x)[0][2]  # block 2's map at stride 16
         torch.testing.assert_close(got, want[0], rtol=1e-4, atol=1e-4)
         qkv = m.backbone.vit.blocks[2].attn.qkv
-        lora_b = qkv.v.lora_B.weight if isinstance(qkv, SoMAQKV) else qkv.lora_B_main
+        lora_b = {
+            "soma": lambda: qkv.v.lora_B.weight,
+            "recyclelora": lambda: qkv.lora_B_main,
+            "lora": lambda: qkv.lora_B["default"].weight,
+        }[tuning]()
         lora_b.add_(0.5)
         moved = m.backbone(x)[0][2]
     assert not torch.allclose(moved, got, atol=1e-3)
 
 
-# -- outputs and tokens ---------------------------------------------------------------------------
+# -- outputs and tokens ----------------------------------------------------------------------
 @pytest.mark.parametrize("name", [L16, HPLUS_QKVB])
 def test_four_maps_at_strides_4_to_32_for_a_non_square_input(name):
     m = build_backbone(tiny_cfg("rein", name))
@@ -166,7 +176,7 @@ def test_rope_follows_the_grid_and_is_used():
     assert not torch.allclose(with_rope[-1], without[-1])
 
 
-# -- weights ----------------------------------------------------------------------------------------
+# -- weights -------------------------------------------------------------------------------------
 def meta_layout(vit, k_bias_noise: bool = True) -> dict[str, torch.Tensor]:
     """A timm DINOv3 state in Meta's original layout: the inverse of timm's checkpoint filter."""
     g = torch.Generator().manual_seed(3)
@@ -275,7 +285,7 @@ def test_a_file_of_another_model_is_a_one_line_error(tmp_path):
     assert "\n" not in str(err.value)
 
 
-# -- configs ----------------------------------------------------------------------------------------
+# -- configs -------------------------------------------------------------------------------------
 SIZES = {  # config size -> (width, depth, out_indices)
     "s": (384, 12, [3, 5, 7, 11]),
     "b": (768, 12, [3, 5, 7, 11]),

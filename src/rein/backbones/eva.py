@@ -1,4 +1,4 @@
-"""A frozen timm EVA / EVA02 with Rein after every block.
+"""A frozen timm EVA / EVA02 / DINOv3 with Rein after every block.
 
 EVA02 adds rotary position embeddings (RoPE) to the absolute ones: every block takes the rotary
 table of the *actual* patch grid as ``rope=``. :class:`ReinEva` therefore leaves the embedding to
@@ -15,9 +15,11 @@ a class token and 4 registers (the 5 prefix tokens pass every Rein untouched and
 the outputs), LayerScale, and a SwiGLU MLP (``mlp.fc1_g`` / ``fc1_x`` / ``fc2``) for H+.
 
 A weight-space method may wrap an attention's fused ``qkv`` (SoMA, RecycleLoRA, LoRA). With a qkv
-bias (EVA02, DINOv3 ``_qkvb``) timm's ``EvaAttention`` computes ``F.linear(x, qkv.weight, bias)``
-and would bypass the wrapper; :meth:`ReinEva.forward` therefore switches such an attention to
-``qkv_bias_separate`` (``qkv(x)``, then the q/k/v bias added: the same sum).
+bias beside it (DINOv3 ``_qkvb``, EVA-CLIP; EVA02 has separate q/k/v linears) timm's
+``EvaAttention`` computes ``F.linear(x, qkv.weight, bias)`` and would bypass the wrapper;
+:meth:`ReinEva.route_wrapped_qkv` (run by ``train()`` / ``eval()``, which
+:func:`rein.methods.apply_tuning` calls after adapting, and by ``forward``) therefore switches
+such an attention to ``qkv_bias_separate``: ``qkv(x)``, then the q/k/v bias added.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ __all__ = ["ReinEva"]
 
 
 class ReinEva(ReinViT):
-    """Frozen timm ``Eva`` (EVA02 with RoPE) + Rein after every block.
+    """Frozen timm ``Eva`` (EVA02, DINOv3; RoPE) + Rein after every block.
 
     Args:
         eva: a timm ``Eva`` created with ``dynamic_img_size=True`` (weights under ``vit.*``).
@@ -75,8 +77,18 @@ class ReinEva(ReinViT):
         for block in self.vit.blocks:
             attn = getattr(block, "attn", None)
             qkv = getattr(attn, "qkv", None)
-            if qkv is not None and type(qkv) is not nn.Linear and getattr(attn, "q_bias", None) is not None:
+            if (
+                qkv is not None
+                and type(qkv) is not nn.Linear
+                and getattr(attn, "q_bias", None) is not None
+                and not attn.qkv_bias_separate
+            ):
                 attn.qkv_bias_separate = True
+
+    def train(self, mode: bool = True) -> ReinEva:
+        super().train(mode)
+        self.route_wrapped_qkv()
+        return self
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
         """Images (B, 3, H, W) -> ([4 maps at strides 4/8/16/32], queries (m, Q) or None)."""

@@ -404,7 +404,7 @@ class SoMAMethod(TuningMethod):
         rest = name[match.end() :]
         if rest.endswith(".base_layer.bias"):
             return _matches(rest[: -len(".base_layer.bias")], self.options.targets)
-        # timm's Eva (EVA02, DINOv3 _qkvb) keeps the fused qkv's bias beside it: attn.q_bias and
+        # timm's Eva (DINOv3 _qkvb, EVA-CLIP) keeps the fused qkv's bias beside it: attn.q_bias and
         # attn.v_bias (its k bias is a fixed zero buffer)
         parent, _, leaf = rest.rpartition(".")
         return leaf in ("q_bias", "v_bias") and _matches(f"{parent}.qkv", self.options.targets)
