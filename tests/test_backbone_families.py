@@ -346,15 +346,11 @@ FAMILY_CONFIGS = {
     "clip-l": (ReinViT, 1024, [7, 11, 15, 23]),
     "mae-l": (ReinViT, 1024, [7, 11, 15, 23]),
     "eva02-l": (ReinEva, 1024, [7, 11, 15, 23]),
-    "dinov3-s": (ReinEva, 384, [3, 5, 7, 11]),
-    "dinov3-b": (ReinEva, 768, [3, 5, 7, 11]),
-    "dinov3-l": (ReinEva, 1024, [7, 11, 15, 23]),
-    "dinov3-hplus": (ReinEva, 1280, [7, 15, 23, 31]),
     "sam-h": (ReinSAM, 1280, [7, 15, 23, 31]),
     "convnext-l": (ReinConvNet, 1536, [0, 1, 2, 3]),
     "resnet50": (ReinConvNet, 2048, [0, 1, 2, 3]),
     "resnet101": (ReinConvNet, 2048, [0, 1, 2, 3]),
-}
+}  # the DINOv3 configs: test_dinov3.py
 
 
 @pytest.mark.parametrize("key", list(FAMILY_CONFIGS))

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import loss_of, train_steps_move_only_trainable
 from safetensors.torch import save_file
+from test_backbone_families import tiny_config
 from timm.layers import SwiGLU
 
 from rein.backbones import ReinEva, build_backbone
 from rein.backbones.weights import WeightsError, load_backbone_weights
-from rein.config import config_from_dict
 from rein.segmentor import build_segmentor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -31,34 +31,14 @@ def swiglu_targets(name: str) -> dict:
 
 
 def tiny_cfg(tuning: str = "rein", name: str = L16, **backbone):
-    options = {
+    """The tiny family-test config (Rein 6 tokens, 2-layer head) at width 64, 4 blocks, 4 heads."""
+    kwargs = {"embed_dim": C, "depth": DEPTH, "num_heads": HEADS}
+    cfg = tiny_config("dinov3", tuning, name=name, timm_kwargs=kwargs, **backbone)
+    cfg.tuning_options = {
         **OPTIONS[tuning],
         **(swiglu_targets(name) if tuning in ("soma", "recyclelora") else {}),
     }
-    return config_from_dict(
-        {
-            "model": {
-                "tuning": tuning,
-                "tuning_options": options,
-                "backbone": {
-                    "name": name,
-                    "patch_size": 16,
-                    "img_size": 64,
-                    "mask_token": False,
-                    "timm_kwargs": {"embed_dim": C, "depth": DEPTH, "num_heads": HEADS},
-                    **backbone,
-                },
-                "rein": {"token_length": 6, "lora_dim": 4},
-                "head": {
-                    "feat_channels": 32,
-                    "num_queries": 6,
-                    "num_decoder_layers": 2,
-                    "num_encoder_layers": 1,
-                },
-                "loss": {"num_points": 64},
-            }
-        }
-    ).model
+    return cfg
 
 
 def open_gammas(vit) -> None:
