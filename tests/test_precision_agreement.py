@@ -4,14 +4,17 @@ of the pixels, and its mIoU moves by at most 0.5 (measured: 99.8% of the pixels,
 10.97 mIoU, 7 classes predicted).
 
 The model is tiny (a 2-block, 32-channel ViT with 8 px patches on 32 px scenes, a one-layer
-Mask2Former head) so that training runs in seconds. It is trained in fp32 by the trainer,
+Mask2Former head with 2 decoder layers and 1 encoder layer) so that training runs in seconds. It is trained in fp32 by the trainer,
 on one intra-op thread: on the 2-core CI machine, shared with other jobs, two threads
 oversubscribe the cores and were 8x slower for tensors this small.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
+from conftest import tiny_model_config
 
 from rein.config import config_from_dict
 from rein.data import build_eval_pipeline
@@ -41,31 +44,22 @@ class _RenderedOnce(SyntheticDataset):
 
 
 def _config(out):
+    model = tiny_model_config(
+        "rein",
+        num_decoder_layers=2,
+        num_heads=2,
+        feedforward_channels=256,
+        encoder_feedforward_channels=256,
+        out_channels=32,
+    )
+    model.backbone.patch_size, model.backbone.img_size = 8, SIZE
+    model.backbone.timm_kwargs["depth"] = 2
+    model.loss.num_points = 64
     return config_from_dict(
         {
             "name": "agree",
             "output_dir": str(out),
-            "model": {
-                "tuning": "rein",
-                "backbone": {
-                    "name": "vit_small_patch14_dinov2",
-                    "patch_size": 8,
-                    "img_size": SIZE,
-                    "timm_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2},
-                },
-                "rein": {"token_length": 8, "lora_dim": 4},
-                "head": {
-                    "feat_channels": 32,
-                    "num_queries": 8,
-                    "num_decoder_layers": 2,
-                    "num_encoder_layers": 1,
-                    "num_heads": 2,
-                    "feedforward_channels": 256,
-                    "encoder_feedforward_channels": 256,
-                    "out_channels": 32,
-                },
-                "loss": {"num_points": 64},
-            },
+            "model": asdict(model),
             "data": {
                 "train": [{"name": "synthetic", "split": "train"}],  # _RenderedOnce, in fact
                 "crop_size": SIZE,
