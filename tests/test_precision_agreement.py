@@ -3,10 +3,10 @@ loaded in bf16 (``model.precision: bf16``), predicts what it predicts in fp32 on
 of the pixels, and its mIoU moves by at most 0.5 (measured: 99.8% of the pixels, 10.98 vs
 10.97 mIoU, 7 classes predicted).
 
-The model is tiny (a 2-block, 32-channel ViT with 8 px patches on 32 px scenes, a one-layer
-Mask2Former head with 2 decoder layers and 1 encoder layer) so that training runs in seconds. It is trained in fp32 by the trainer,
-on one intra-op thread: on the 2-core CI machine, shared with other jobs, two threads
-oversubscribe the cores and were 8x slower for tensors this small.
+The model is tiny (a 2-block, 32-channel ViT with 8 px patches on 32 px scenes; a Mask2Former
+head with 2 decoder layers and 1 encoder layer) so that training runs in seconds. The trainer
+trains it in fp32 on one intra-op thread: on the 2-core CI machine, shared with other jobs,
+two threads oversubscribed the cores and were 8x slower for tensors this small.
 """
 
 from __future__ import annotations
