@@ -73,8 +73,8 @@ def test_quick_demo_writes_results_and_reuses_the_cache(tmp_path, monkeypatch):
     second = run_demo(out_dir=tmp_path / "b", quick=True, compare=True, progress=False, log=_quiet)
     assert second["backbone"]["cached"] is True
     assert second["backbone"]["path"] == first["backbone"]["path"]
-    done = [m for m in ("full", "lora", "soma", "recyclelora") if m in second["methods"]]
-    assert {"full", "soma", "recyclelora"} <= set(done)
+    done = [m for m in ("full", "lora", "soma", "recyclelora", "fada") if m in second["methods"]]
+    assert {"full", "soma", "recyclelora", "fada"} <= set(done)
     assert "lora" in done or "lora" in second["skipped"]
     _check_outputs(tmp_path / "b", ["frozen", "rein", *done])
     # Same seed and settings: the frozen and Rein numbers are reproducible.
@@ -104,6 +104,20 @@ def test_demo_refuses_bad_seeds_and_jobs(tmp_path):
         run_demo(out_dir=tmp_path, quick=True, progress=False, log=_quiet, seeds=[1, 1])
     with pytest.raises(ValueError, match="--jobs must be >= 0"):
         run_demo(out_dir=tmp_path, quick=True, progress=False, log=_quiet, jobs=-1)
+    with pytest.raises(ValueError, match="unknown demo method.*rien.*choose from frozen, rein"):
+        run_demo(out_dir=tmp_path, quick=True, progress=False, log=_quiet, methods=["rien"])
+
+
+def test_methods_option_trains_exactly_those(tmp_path, monkeypatch):
+    monkeypatch.setenv("REIN_CACHE", str(tmp_path / "cache"))
+    report = run_demo(
+        out_dir=tmp_path, quick=True, progress=False, log=_quiet, methods=["frozen", "set"],
+        seeds=[3],
+    )  # fmt: skip
+    assert list(report["methods"]) == ["frozen", "set"]
+    assert report["methods"]["set"]["seeds"] == [3]
+    assert report["comparisons"]["set"]["exceeds_spread"] is None  # one seed: no spread
+    assert "one seed only" in (tmp_path / "results.md").read_text()
 
 
 class _Forbidden:

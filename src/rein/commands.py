@@ -436,6 +436,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         precision=args.precision,
         seeds=args.seeds,
         jobs=args.jobs,
+        methods=args.methods,
     )
     return 0
 
@@ -567,7 +568,13 @@ def register(sub, add_set) -> None:
     p.add_argument(
         "--compare",
         action="store_true",
-        help="also train full fine-tuning, LoRA, SoMA and RecycleLoRA",
+        help="also train full fine-tuning, LoRA, SoMA, RecycleLoRA and FADA",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="METHOD",
+        help="exactly these tuning methods (e.g. frozen rein set); overrides --compare",
     )
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     p.add_argument(

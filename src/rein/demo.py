@@ -26,7 +26,7 @@ It needs no data, no weights and no network, and runs on 2 CPU cores in under 10
    ``predictions.png`` (target images, ground truth and each method's prediction, first seed)
    and ``miou.png`` (per-domain bars with ± std error bars).
 
-``--compare`` also trains full fine-tuning, LoRA (peft), SoMA and RecycleLoRA with the same
+``--compare`` also trains full fine-tuning, LoRA (peft), SoMA, RecycleLoRA and FADA with the same
 budget (SoMA adapts the last two thirds of the blocks, as its 8-of-24 on DINOv2-L; both keep
 their own lr multipliers and ranks 16 / 32 + 4).
 ``--backbone NAME_OR_FILE`` skips the synthetic pretraining and uses real weights instead: a
@@ -67,8 +67,12 @@ METHODS: dict[str, str] = {
     "lora": "LoRA",
     "soma": "SoMA",
     "recyclelora": "RecycleLoRA",
+    "fada": "FADA",
+    "set": "SET",
+    "vpt": "VPT",
+    "adaptformer": "AdaptFormer",
 }
-COMPARED = ("full", "lora", "soma", "recyclelora")  # the methods --compare adds
+COMPARED = ("full", "lora", "soma", "recyclelora", "fada")  # the methods --compare adds
 
 
 @dataclass(frozen=True)
@@ -493,6 +497,10 @@ _COLOURS = {
     "lora": (80, 160, 90),
     "soma": (150, 80, 170),
     "recyclelora": (40, 160, 170),
+    "fada": (200, 60, 90),
+    "set": (170, 150, 40),
+    "vpt": (110, 80, 50),
+    "adaptformer": (90, 90, 200),
 }
 
 
@@ -657,6 +665,7 @@ def run_demo(
     log: Callable[[str], None] = print,
     seeds: Sequence[int] | None = None,
     jobs: int | None = None,
+    methods: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run the demo (see the module docstring) and return what ``results.json`` holds.
 
@@ -664,12 +673,14 @@ def run_demo(
         out_dir: where results, pictures and the training runs (``runs/``) go.
         backbone: None for the label-free synthetic pretraining; else a weights file for the
             demo's ViT or a timm model name (its pretrained weights through timm).
-        compare: also train full fine-tuning, LoRA, SoMA and RecycleLoRA with the same budget.
+        compare: also train full fine-tuning, LoRA, SoMA, RecycleLoRA and FADA (same budget).
         quick: the tiny smoke-test settings (:data:`QUICK`).
         settings: explicit settings (overrides ``quick``).
         precision: ``model.precision`` of every method ("fp32" or "bf16"; None: the settings').
         seeds: training seeds of every method (None: the settings').
         jobs: training runs at once, each on one thread (None: the settings').
+        methods: the tuning methods to train, in table order (None: frozen and rein, plus
+            :data:`COMPARED` with ``compare``).
     """
     t_start = time.perf_counter()
     settings = settings or (QUICK if quick else DEFAULT)
@@ -688,7 +699,15 @@ def run_demo(
         raise ValueError(f"--jobs must be >= 0, got {settings.jobs} (0: in this process)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    methods = ["frozen", "rein"] + (list(COMPARED) if compare else [])
+    if methods is None:
+        methods = ["frozen", "rein"] + (list(COMPARED) if compare else [])
+    methods = list(dict.fromkeys(methods))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(
+            f"unknown demo method(s) {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(METHODS)}"
+        )
     p = settings.pretrain
     if backbone is None:
         what = (
