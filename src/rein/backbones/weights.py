@@ -242,9 +242,9 @@ def dinov3_to_timm(state: Mapping[str, Tensor], model: nn.Module, src: str) -> d
     -> ``gamma_{1,2}``, ``mlp.w1/w2/w3`` -> ``mlp.fc1_g/fc1_x/fc2``, splits ``attn.qkv.bias`` into
     ``q_bias`` / ``v_bias`` (DINOv3 masks the k part to 0, timm keeps it a zero buffer) and drops
     ``mask_token``, ``rope_embed.periods`` and the ``bias_mask`` buffers. For a model without a
-    qkv bias (the timm names without ``_qkvb``) it drops the bias; here that is allowed only when
-    its q and v parts are zero (they are in Meta's released S/B/L/H+ files), otherwise the load
-    would change the model, and a :class:`WeightsError` names the ``_qkvb`` variant to use.
+    qkv bias (the timm names without ``_qkvb``) it drops the bias (timm: the released distilled
+    models' biases are all zero); here that is allowed only when its q and v parts are zero, as
+    otherwise the load would change the model: a :class:`WeightsError` names the ``_qkvb`` name.
     """
     from timm.models.eva import checkpoint_filter_fn
 

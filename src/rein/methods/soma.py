@@ -316,6 +316,11 @@ class SoMAMethod(TuningMethod):
     name = "soma"
     Options = SoMAOptions
 
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        #: the q_bias / v_bias of adapted fused qkv layers that keep their bias beside them
+        self._beside_biases: set[str] = set()
+
     @property
     def scaling(self) -> float:
         return self.options.alpha / self.options.rank
@@ -392,6 +397,11 @@ class SoMAMethod(TuningMethod):
         layer.weight.requires_grad_(False)
         if fused:
             wrapper: nn.Module = SoMAQKV(layer, factors, self.scaling)
+            if isinstance(getattr(parent, "q_bias", None), nn.Parameter):
+                # timm's Eva (DINOv3 _qkvb, EVA-CLIP) keeps this qkv's bias beside it, as
+                # q_bias / v_bias (its k bias is a fixed zero buffer): they train as its bias
+                where = f"backbone.vit.{full.rpartition('.')[0]}"
+                self._beside_biases |= {f"{where}.q_bias", f"{where}.v_bias"}
         else:
             wrapper = SoMALinear(layer, *factors[0], self.scaling)
         setattr(parent, leaf, wrapper)
@@ -401,13 +411,11 @@ class SoMAMethod(TuningMethod):
         match = _BLOCK_INDEX.search(name)
         if match is None or int(match.group(1)) < self.options.start_block:
             return False
-        rest = name[match.end() :]
-        if rest.endswith(".base_layer.bias"):
-            return _matches(rest[: -len(".base_layer.bias")], self.options.targets)
-        # timm's Eva (DINOv3 _qkvb, EVA-CLIP) keeps the fused qkv's bias beside it: attn.q_bias and
-        # attn.v_bias (its k bias is a fixed zero buffer)
-        parent, _, leaf = rest.rpartition(".")
-        return leaf in ("q_bias", "v_bias") and _matches(f"{parent}.qkv", self.options.targets)
+        if name in self._beside_biases:
+            return True
+        return name.endswith(".base_layer.bias") and _matches(
+            name[match.end() : -len(".base_layer.bias")], self.options.targets
+        )
 
     def report_group(self, name: str) -> str | None:
         return "soma" if name.startswith("backbone.") and ".lora_" in name else None
