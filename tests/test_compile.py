@@ -87,3 +87,11 @@ def test_no_dynamo_is_one_line_at_setup(tmp_path, monkeypatch):
     monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
     with pytest.raises(ConfigError, match="unavailable.*set train.compile: false"):
         train(tiny_train_config(tmp_path, max_iters=1, compile=True), progress=False)
+
+
+def test_a_resume_may_switch_compile_on_or_off(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)  # no compile cost
+    train(tiny_train_config(tmp_path, max_iters=2), progress=False, stop_after=1)
+    result = train(tiny_train_config(tmp_path, max_iters=2, compile=True), progress=False)
+    assert result["iteration"] == 2
+    assert "with a changed train.compile false -> true" in capsys.readouterr().out

@@ -13,10 +13,11 @@ what a killed save left. Before anything is written to an existing run, the conf
 with the one the checkpoint was trained with: changes to the model, the training data, the
 optimizer, the schedule (``train.max_iters`` included), the seed, precision, EMA or
 ``grad_accum`` are refused (:class:`ResumeConfigError`, naming the keys); the intervals, the
-evaluation settings and validation sets, ``data.num_workers``, ``train.deterministic``, ``name``
-and ``output_dir`` may change. ``metrics.jsonl`` rows (and TensorBoard events) logged after
-the resumed checkpoint are dropped. Ctrl-C raises :class:`TrainingInterrupted` (a
-``KeyboardInterrupt``) whose message names the iteration and the last checkpoint.
+evaluation settings and validation sets, ``data.num_workers``, ``train.deterministic``,
+``train.compile`` (both change only the rounding), ``name`` and ``output_dir`` may change.
+``metrics.jsonl`` rows (and TensorBoard events) logged after the resumed checkpoint are dropped.
+Ctrl-C raises :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) whose message names the
+iteration and the last checkpoint.
 """
 
 from __future__ import annotations
@@ -296,6 +297,7 @@ _RESUME_FREE = (
     "train.val_interval",
     "train.checkpoint_interval",
     "train.deterministic",
+    "train.compile",
     "data.num_workers",
     "data.val",
     "eval",
