@@ -768,7 +768,6 @@ def run_demo(
         )
     else:
         done = _train_runs(jobs, train_set, val_sets, shown, progress, log)
-    results: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[np.ndarray]] = {}
     runs: dict[str, list[dict[str, Any]]] = {}
     for (method, seed), (summary, preds) in zip(configs, done):
@@ -781,7 +780,7 @@ def run_demo(
                 f"({summary['sec_per_iter']:.2f} s/step), source {summary['source']:.1f}, "
                 f"DG avg {summary['dg_avg']:.1f} mIoU"
             )
-    results = {m: aggregate_seeds(r) for m, r in runs.items()}
+    results: dict[str, dict[str, Any]] = {m: aggregate_seeds(r) for m, r in runs.items()}
 
     domains = [SOURCE_STYLE, *TARGET_STYLES]
     table = results_table(results, TARGET_STYLES)
