@@ -104,6 +104,44 @@ def test_ms_deform_attn_core_matches_hand_bilinear_reference() -> None:
     torch.testing.assert_close(out_list, out, atol=0, rtol=0)
 
 
+def test_ms_deform_attn_core_matches_the_stacked_mmcv_reduction() -> None:
+    """The level-by-level weighted sum equals mmcv's one reduction over the stacked levels."""
+    torch.manual_seed(1)
+    shapes = [(6, 5), (3, 3), (2, 1)]
+    batch, heads, head_dim, num_queries, num_points = 2, 4, 8, 9, 4
+    value = torch.randn(batch, sum(h * w for h, w in shapes), heads, head_dim)
+    locations = torch.rand(batch, num_queries, heads, len(shapes), num_points, 2)
+    weights = torch.rand(batch, num_queries, heads, len(shapes), num_points).softmax(-1)
+    sampled = []
+    for level, ((h, w), v) in enumerate(zip(shapes, value.split([h * w for h, w in shapes], 1))):
+        v = v.permute(0, 2, 3, 1).reshape(batch * heads, head_dim, h, w)
+        g = (2 * locations[:, :, :, level] - 1).transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", align_corners=False))
+    w = weights.transpose(1, 2).reshape(batch * heads, 1, num_queries, -1)
+    ref = (torch.stack(sampled, dim=-2).flatten(-2) * w).sum(-1)
+    ref = ref.view(batch, heads * head_dim, num_queries).transpose(1, 2)
+    out = ms_deform_attn_core(value, shapes, locations, weights)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_attention_block_equals_the_explicit_softmax_path() -> None:
+    """The fused attention (need_weights=False) equals the explicit softmax(QK^T + mask) V
+    path of the reference, with a boolean mask that hides most keys from some queries."""
+    from rein.heads.mask2former import MultiheadAttentionBlock
+
+    torch.manual_seed(2)
+    block = MultiheadAttentionBlock(embed_dims=32, num_heads=4)
+    q, k, pos = torch.randn(2, 7, 32), torch.randn(2, 11, 32), torch.randn(2, 7, 32)
+    mask = torch.rand(2 * 4, 7, 11) > 0.4
+    mask[:, :, 0] = False  # every query sees at least one key
+    out = block(q, k, query_pos=pos, attn_mask=mask)
+    ref = q + block.attn(q + pos, k, k, attn_mask=mask, need_weights=True)[0]
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    out_self = block(q, query_pos=pos)
+    ref_self = q + block.attn(q + pos, q + pos, q, need_weights=True)[0]
+    torch.testing.assert_close(out_self, ref_self, atol=1e-6, rtol=1e-6)
+
+
 def test_ms_deform_attn_module_init_and_forward() -> None:
     torch.manual_seed(0)
     attn = MultiScaleDeformableAttention(embed_dims=16, num_heads=4, num_levels=2, num_points=3)

@@ -325,3 +325,32 @@ def test_criterion_optimisation_decreases_loss() -> None:
         opt.step()
     end = evaluate()
     assert end < 0.5 * start
+
+
+# ---------------------------------------------------------------- matched-target sampling
+
+
+def test_matched_targets_are_sampled_in_place_exactly() -> None:
+    """Sampling each image's masks where they lie equals sampling the copied, concatenated
+    matched masks (the reference layout), bit for bit: a full permutation, a matched subset
+    (fewer queries than ground truths) and an image without ground truth."""
+    from rein.losses import _sample_matched_targets
+
+    torch.manual_seed(0)
+    gt_masks = [
+        (torch.rand(5, 12, 10) > 0.5).float(),
+        (torch.rand(4, 12, 10) > 0.5).float(),
+        torch.zeros(0, 12, 10),
+    ]
+    matched = [
+        torch.tensor([3, 0, 4, 1, 2]),
+        torch.tensor([2, 0]),
+        torch.zeros(0, dtype=torch.long),
+    ]
+    coords = torch.rand(7, 33, 2)
+    ref = point_sample(
+        torch.cat([m[g] for m, g in zip(gt_masks, matched)]).unsqueeze(1), coords
+    ).squeeze(1)
+    out = _sample_matched_targets(gt_masks, matched, coords)
+    assert out.shape == (7, 33)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)

@@ -263,6 +263,33 @@ def dice_loss(pred_logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
     return 1.0 - (numerator + eps) / (denominator + eps)
 
 
+def _sample_matched_targets(
+    gt_masks: list[Tensor], matched_gt: list[Tensor], coords: Tensor
+) -> Tensor:
+    """Point samples of the matched ground-truth masks, in match order: (M, P).
+
+    Row ``j`` is image ``i``'s mask ``matched_gt[i][k]`` sampled at ``coords[j]``, the same
+    values as sampling ``cat(gt_masks[i][matched_gt[i]])``. Instead of copying the matched
+    full-resolution masks (the largest tensors of the loss) on every decoder level, each
+    image's masks are sampled in place with their rows' coordinates, then put in match order.
+    """
+    out, start = [], 0
+    for masks, g_idx in zip(gt_masks, matched_gt):
+        n = int(g_idx.numel())
+        rows = coords[start : start + n]  # (n, P, 2)
+        start += n
+        if n == 0:
+            continue
+        if n == masks.shape[0]:  # every ground truth matched: g_idx is a permutation
+            order = torch.empty_like(g_idx)
+            order[g_idx] = torch.arange(n, device=g_idx.device)
+            pts = point_sample(masks.float().unsqueeze(1), rows[order]).squeeze(1)  # GT order
+            out.append(pts[g_idx])
+        else:  # fewer queries than ground truths: sample the matched subset
+            out.append(point_sample(masks[g_idx].float().unsqueeze(1), rows).squeeze(1))
+    return torch.cat(out)
+
+
 def _reduce_mean_count(count: int, device: torch.device) -> float:
     """mmdet's ``reduce_mean`` on the matched-mask count, clamped to at least 1."""
     t = torch.tensor(float(count), device=device)
@@ -338,7 +365,7 @@ class Mask2FormerCriterion(nn.Module):
         b, q = cls_pred.shape[:2]
         device = cls_pred.device
         targets = torch.full((b, q), self.num_classes, dtype=torch.long, device=device)
-        batch_idx, pred_idx, matched_masks = [], [], []
+        batch_idx, pred_idx, matched_gt = [], [], []
         for i in range(b):
             p_idx, g_idx = self.matcher(
                 cls_pred[i].detach(),
@@ -350,7 +377,7 @@ class Mask2FormerCriterion(nn.Module):
             targets[i, p_idx] = gt_classes[i][g_idx]
             batch_idx.append(torch.full_like(p_idx, i))
             pred_idx.append(p_idx)
-            matched_masks.append(gt_masks[i][g_idx])
+            matched_gt.append(g_idx)
 
         # class loss over all queries: sum(w_i * ce_i) / sum(w_i)
         ce_weight = self.ce_weight.to(device=device, dtype=torch.float32)
@@ -368,7 +395,6 @@ class Mask2FormerCriterion(nn.Module):
             return loss_cls, zero, zero.clone()
 
         src = mask_pred[batch_idx_t, pred_idx_t].float()  # (M, h, w)
-        tgt = torch.cat(matched_masks).float()  # (M, H, W)
         with torch.no_grad():
             if self.num_points <= 0:  # dense: every pixel of the prediction
                 coords = grid_coords(*src.shape[-2:], device=device).expand(len(src), -1, -1)
@@ -380,7 +406,7 @@ class Mask2FormerCriterion(nn.Module):
                     self.importance_sample_ratio,
                     generator,
                 )  # (M, P, 2)
-            tgt_pts = point_sample(tgt.unsqueeze(1), coords).squeeze(1)  # (M, P)
+            tgt_pts = _sample_matched_targets(gt_masks, matched_gt, coords)  # (M, P)
         src_pts = point_sample(src.unsqueeze(1), coords).squeeze(1)  # (M, P)
 
         loss_dice = dice_loss(src_pts, tgt_pts).sum() / num_total_masks * self.dice_weight

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -136,14 +136,30 @@ class ReinBackbone(nn.Module):
         #: keeping them (``model.backbone.checkpointing``; ViT / EVA / SAM backbones)
         self.checkpointing = False
 
-    def run_block(self, block: nn.Module, tokens: Tensor, **kwargs: Any) -> Tensor:
-        """``block(tokens, **kwargs)``, under activation checkpointing when it is on and a
-        backward pass will follow (the random state is replayed, so gradients are the same)."""
+    def run_block(
+        self,
+        block: nn.Module,
+        tokens: Tensor,
+        after: Callable[[Tensor], Tensor] | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        """``after(block(tokens, **kwargs))`` (``after``: the Rein layer that follows the block,
+        if any), under activation checkpointing when it is on and a backward pass will follow.
+
+        Block and Rein layer are checkpointed as one: only the block's input is kept, and both
+        are recomputed in the backward pass (the random state is replayed, so gradients are
+        the same). Checkpointing the block alone would still keep every activation of Rein.
+        """
+
+        def step(x: Tensor) -> Tensor:
+            x = block(x, **kwargs)
+            return after(x) if after is not None else x
+
         if self.checkpointing and self.training and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
-            return checkpoint(block, tokens, use_reentrant=False, **kwargs)
-        return block(tokens, **kwargs)
+            return checkpoint(step, tokens, use_reentrant=False)
+        return step(tokens)
 
     @property
     def timm_model(self) -> nn.Module:

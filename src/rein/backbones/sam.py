@@ -12,6 +12,8 @@ strictly) and resized from stride 16 to strides 4/8/16/32 as for the other ViTs.
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import Tensor, nn
 
 from rein.backbones.base import (
@@ -82,16 +84,22 @@ class ReinSAM(ReinBackbone):
         tokens = self.vit.patch_drop(tokens)
         return self.vit.norm_pre(tokens)
 
+    def _rein_nhwc(self, tokens: Tensor, layer: int) -> Tensor:
+        """Rein layer ``layer`` on (B, h, w, C) tokens."""
+        batch, h, w, dim = tokens.shape
+        flat = self.reins(tokens.reshape(batch, h * w, dim), layer, num_prefix_tokens=0)
+        return flat.reshape(batch, h, w, dim)
+
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
         """Images (B, 3, H, W) -> ([4 maps at strides 4/8/16/32], queries (m, Q) or None)."""
         tokens = self.embed(x)
         batch, h, w, dim = tokens.shape
         taken: dict[int, Tensor] = {}
         for i, block in enumerate(self.vit.blocks[: self.last_index + 1]):
-            tokens = self.run_block(block, tokens)  # (B, h, w, C), windowed or global
+            after = None
             if self.reins is not None:
-                flat = self.reins(tokens.reshape(batch, h * w, dim), i, num_prefix_tokens=0)
-                tokens = flat.reshape(batch, h, w, dim)
+                after = partial(self._rein_nhwc, layer=i)
+            tokens = self.run_block(block, tokens, after)  # (B, h, w, C), windowed or global
             if i in self.out_indices:
                 taken[i] = tokens.permute(0, 3, 1, 2)  # (B, C, h, w), before the neck
         return to_strides([taken[i] for i in self.out_indices]), self.link_queries()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -174,9 +175,12 @@ class ReinViT(ReinBackbone):
         batch, n_prefix = tokens.shape[0], self.num_prefix_tokens
         taken: dict[int, Tensor] = {}
         for i, block in enumerate(self.vit.blocks[: self.last_index + 1]):
-            tokens = self.run_block(block, tokens, **(block_kwargs(i) if block_kwargs else {}))
+            after = None
             if self.reins is not None:
-                tokens = self.reins(tokens, i, num_prefix_tokens=n_prefix)
+                after = partial(self.reins, layer=i, num_prefix_tokens=n_prefix)
+            tokens = self.run_block(
+                block, tokens, after, **(block_kwargs(i) if block_kwargs else {})
+            )
             if i in self.out_indices:
                 taken[i] = tokens[:, n_prefix:].transpose(1, 2).reshape(batch, -1, h, w)
         feats = to_strides([taken[i] for i in self.out_indices])

@@ -45,7 +45,11 @@ def ms_deform_attn_core(
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample wants coordinates in [-1, 1]
     grids = 2 * sampling_locations - 1
-    sampled = []
+    # (B, Nq, heads, L, P) -> (B*heads, 1, Nq, L, P), broadcast over Dh
+    weights = attention_weights.transpose(1, 2).reshape(
+        batch * heads, 1, num_queries, num_levels, num_points
+    )
+    output = None
     for level, (h, w) in enumerate(shapes):
         # (B, h*w, heads, Dh) -> (B*heads, Dh, h, w); one copy, contiguous for grid_sample
         value_l = value_per_level[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, h, w)
@@ -54,18 +58,16 @@ def ms_deform_attn_core(
             grids[:, :, :, level].transpose(1, 2).reshape(batch * heads, num_queries, num_points, 2)
         )
         # (B*heads, Dh, Nq, P)
-        sampled.append(
-            F.grid_sample(
-                value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
-            )
+        sampled = F.grid_sample(
+            value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
         )
-    # (B, Nq, heads, L, P) -> (B*heads, 1, Nq, L*P), broadcast over Dh
-    weights = attention_weights.transpose(1, 2).reshape(
-        batch * heads, 1, num_queries, num_levels * num_points
-    )
-    # one weighted reduction over all levels and points: (B*heads, Dh, Nq, L*P) -> (B*heads, Dh, Nq).
-    # Same summation order as mmcv's CPU path, so results match it bit for bit.
-    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
+        # weighted sum over this level's points, accumulated over the levels: (B*heads, Dh, Nq).
+        # mmcv stacks all levels into one (B*heads, Dh, Nq, L*P) tensor first; summing level by
+        # level gives the same result up to float rounding without that copy (the largest
+        # tensor of the pixel decoder) and its backward.
+        term = (sampled * weights[..., level, :]).sum(-1)
+        output = term if output is None else output + term
+    assert output is not None
     # (B*heads, Dh, Nq) -> (B, heads*Dh, Nq) -> (B, Nq, heads*Dh)
     return output.view(batch, heads * head_dim, num_queries).transpose(1, 2).contiguous()
 
