@@ -93,7 +93,6 @@ class ReinSAM(ReinBackbone):
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
         """Images (B, 3, H, W) -> ([4 maps at strides 4/8/16/32], queries (m, Q) or None)."""
         tokens = self.embed(x)
-        batch, h, w, dim = tokens.shape
         taken: dict[int, Tensor] = {}
         for i, block in enumerate(self.vit.blocks[: self.last_index + 1]):
             after = None
