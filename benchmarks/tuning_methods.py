@@ -25,9 +25,13 @@ peaks do not mix. Absolute times are noisy on a shared machine; compare the rati
     python benchmarks/tuning_methods.py --backbone l --size 512
     python benchmarks/tuning_methods.py --backbone l --methods rein frozen full --precision fp32 bf16
     python benchmarks/tuning_methods.py --backbone s --sweep
+    python benchmarks/tuning_methods.py --backbone l --methods --profile --precision bf16 fp32
 
 ``--precision fp32 bf16`` measures every method in both ``model.precision`` modes (bf16: frozen
 weights stored in bfloat16, bf16 autocast) and adds a table of the bf16 / fp32 ratios.
+``--profile`` adds a ``torch.profiler`` breakdown of one Rein training step per precision: by
+region (backbone, head, loss, backward, optimizer), by operator family and the top operators;
+``--methods`` with no names skips the method tables.
 """
 
 from __future__ import annotations
@@ -167,10 +171,92 @@ def measure(
     )
 
 
-def profile(method: str, backbone: str, size: int) -> None:
-    """Print where the time of one training step goes (torch.profiler, CPU)."""
+# Operator families for the profile summary: the first family with a pattern in an op's name
+# wins ("=name": that exact name only).
+OP_FAMILIES = (
+    (
+        "matrix products",
+        (
+            "aten::mm",
+            "aten::addmm",
+            "aten::bmm",
+            "aten::linear",
+            "aten::matmul",
+            "aten::baddbmm",
+            "aten::_mkldnn",
+            "mkldnn",
+            "aten::convolution",
+            "aten::_convolution",
+            "aten::mkldnn_convolution",
+        ),
+    ),
+    ("attention (SDPA)", ("scaled_dot_product", "_flash_attention", "_efficient_attention")),
+    (
+        "copies and casts",
+        (
+            "=aten::copy_",
+            "=aten::to",
+            "=aten::_to_copy",
+            "=aten::clone",
+            "=aten::contiguous",
+            "=aten::cat",
+            "=aten::stack",
+            "=aten::index",
+            "=aten::index_put_",
+            "=aten::fill_",
+            "=aten::zero_",
+            "=aten::empty",
+            "=aten::empty_strided",
+            "=aten::zeros",
+        ),
+    ),
+    ("layer norm", ("layer_norm", "group_norm")),
+    ("GELU / softmax", ("gelu", "softmax", "sigmoid")),
+    ("grid_sample", ("grid_sampler",)),
+    (
+        "point sampling and loss",
+        ("topk", "uniform_", "log_sigmoid", "binary_cross_entropy", "nll_loss", "gather"),
+    ),
+    (
+        "elementwise",
+        (
+            "aten::mul",
+            "aten::add",
+            "aten::sub",
+            "aten::div",
+            "aten::pow",
+            "aten::sum",
+            "aten::mean",
+            "aten::abs",
+            "aten::sqrt",
+            "aten::exp",
+            "aten::where",
+            "aten::clamp",
+            "aten::neg",
+            "aten::lerp",
+            "aten::addcmul",
+            "aten::addcdiv",
+            "aten::_foreach",
+        ),
+    ),
+)
+
+
+def _family(name: str) -> str:
+    for family, patterns in OP_FAMILIES:
+        if any(name == p[1:] if p[0] == "=" else p in name for p in patterns):
+            return family
+    return "other"
+
+
+def profile(method: str, backbone: str, size: int, precision: str = "fp32") -> None:
+    """Print where the time of one training step goes (torch.profiler, CPU).
+
+    Three tables: the step's regions (backbone forward, head forward, loss, backward,
+    optimizer), the operator families by self CPU time, and the top operators.
+    """
     import torch
-    from torch.profiler import ProfilerActivity
+    from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as tprofile
 
     from rein.config import default_config
@@ -181,21 +267,64 @@ def profile(method: str, backbone: str, size: int) -> None:
     cfg = default_config()
     cfg.model.tuning = method
     cfg.model.backbone.name = BACKBONES[backbone]
+    cfg.model.backbone.img_size = size
+    cfg.model.precision = precision
     model = build_segmentor(cfg.model, load_weights=False)
     optimizer = build_optimizer(model, cfg.optim)
+
+    def labelled(fn, label):
+        def wrapper(*args, **kwargs):
+            with record_function(label):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    model.backbone.forward = labelled(model.backbone.forward, "region: backbone forward")
+    model.decode_head.forward = labelled(model.decode_head.forward, "region: head forward")
+    model.criterion.forward = labelled(model.criterion.forward, "region: loss")
     x = torch.randn(1, 3, size, size)
     y = torch.randint(0, 19, (1, size, size))
     model.loss(x, y)["loss"].backward()  # warm-up
     optimizer.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
-        with torch.profiler.record_function("forward+loss"):
-            loss = model.loss(x, y)["loss"]
-        with torch.profiler.record_function("backward"):
+        loss = model.loss(x, y)["loss"]
+        with record_function("region: backward"):
             loss.backward()
-        with torch.profiler.record_function("optimizer"):
+        with record_function("region: optimizer"):
             optimizer.step()
-    print(f"\n# torch.profiler: one {method} training step, {BACKBONES[backbone]}, {size}px")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    total_self = sum(e.self_cpu_time_total for e in events) / 1e6
+    print(
+        f"\n# torch.profiler: one {method} training step, {BACKBONES[backbone]}, {size}px, "
+        f"model.precision {precision} ({wall:.1f} s under the profiler)"
+    )
+    print("\n| region | CPU s (incl. children) | share |")
+    print("|---|---:|---:|")
+    for e in events:
+        if e.key.startswith("region: "):
+            t = e.cpu_time_total / 1e6
+            print(f"| {e.key[8:]} | {t:.2f} | {t / total_self:.0%} |")
+    families: dict[str, float] = {}
+    for e in events:
+        if e.key.startswith("region: "):
+            continue
+        fam = _family(e.key)
+        families[fam] = families.get(fam, 0.0) + e.self_cpu_time_total / 1e6
+    print("\n| operator family | self CPU s | share |")
+    print("|---|---:|---:|")
+    for fam, t in sorted(families.items(), key=lambda kv: -kv[1]):
+        print(f"| {fam} | {t:.2f} | {t / total_self:.0%} |")
+    print("\n| operator | calls | self CPU s | share |")
+    print("|---|---:|---:|---:|")
+    top = sorted(
+        (e for e in events if not e.key.startswith("region: ")),
+        key=lambda e: -e.self_cpu_time_total,
+    )[:15]
+    for e in top:
+        t = e.self_cpu_time_total / 1e6
+        print(f"| `{e.key}` | {e.count} | {t:.2f} | {t / total_self:.0%} |")
 
 
 def run(
@@ -234,7 +363,13 @@ def main() -> None:
     parser.add_argument(
         "--infer-steps", type=int, default=5, help="timed inference passes (after 1 warm-up)"
     )
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=list(METHODS),
+        choices=METHODS,
+        help="methods to measure (none: only the --profile / --sweep extras)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--checkpointing",
@@ -248,7 +383,9 @@ def main() -> None:
         "--sweep", action="store_true", help="also Rein step time vs input size and vs token_length"
     )
     parser.add_argument(
-        "--profile", action="store_true", help="profile one Rein training step (top operators)"
+        "--profile",
+        action="store_true",
+        help="profile one Rein training step per --precision (regions, operator families)",
     )
     args = parser.parse_args()
 
@@ -270,9 +407,11 @@ def main() -> None:
         for prec in args.precision
     }
     for prec, rows in by_precision.items():
+        if not rows:
+            continue
         print(f"\n## model.precision: {prec}")
         _print_rows(rows, args)
-    if {"fp32", "bf16"} <= set(by_precision):
+    if {"fp32", "bf16"} <= set(by_precision) and args.methods:
         print("\n## bf16 / fp32 (same method)")
         print("| method | train step | train memory | inference |")
         print("|---|---:|---:|---:|")
@@ -311,7 +450,8 @@ def _print_rows(rows: dict, args: argparse.Namespace) -> None:
 
 def _extras(args: argparse.Namespace) -> None:
     if args.profile:
-        profile("rein", args.backbone, args.size)
+        for prec in args.precision:
+            profile("rein", args.backbone, args.size, prec)
 
     if args.sweep:
         print("\n# Rein training step vs input size (token_length 100)")
