@@ -212,6 +212,33 @@ def test_only_full_fine_tuning_gets_a_lower_backbone_lr(tmp_path):
     assert lrs["rein"] == {lr}
 
 
+def test_head_widths_follow_the_demo_settings(tmp_path):
+    """The head's FFN and mask-feature widths come from DemoSettings, not the 256-channel
+    Mask2Former defaults, for every method."""
+    from rein.demo import DEFAULT
+    from rein.segmentor import build_segmentor
+
+    for method in ("frozen", "rein"):
+        head = demo_config(method, DEFAULT, None, tmp_path).model.head
+        assert (
+            head.feedforward_channels,
+            head.encoder_feedforward_channels,
+            head.out_channels,
+        ) == (
+            DEFAULT.feedforward_channels,
+            DEFAULT.encoder_feedforward_channels,
+            DEFAULT.out_channels,
+        )
+    model = build_segmentor(demo_config("rein", QUICK, None, tmp_path).model, load_weights=False)
+    ffn_widths = {
+        m.out_features
+        for name, m in model.decode_head.transformer_decoder.named_modules()
+        if isinstance(m, torch.nn.Linear) and "ffn" in name
+    }
+    assert QUICK.feedforward_channels in ffn_widths
+    assert 2048 not in ffn_widths
+
+
 def test_backbone_file_skips_pretraining(tmp_path, monkeypatch):
     monkeypatch.setenv("REIN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(pretrain, "pretrain_vit", _no_pretraining)

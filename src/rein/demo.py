@@ -3,7 +3,7 @@
 It needs no data, no weights and no network, and runs on 2 CPU cores in under 10 minutes:
 
 1. **A small "foundation model", pretrained without labels.** There are no pretrained VFM
-   weights offline, so a small DINOv2-shaped timm ViT (128 channels, 6 blocks, patch 8) is
+   weights offline, so a small DINOv2-shaped timm ViT (128 channels, 8 blocks, patch 8) is
    pretrained on synthetic street scenes rendered in *all* styles (the source style ``game`` and
    every target style) with a task that uses **no segmentation labels**: dense cross-style
    contrastive learning (:mod:`rein.pretrain`). This mirrors how a real VFM has seen diverse
@@ -100,6 +100,11 @@ class DemoSettings:
     rein_scale_init: float = 1e-3  # official init of Rein's learnable output scale
     rein_zero_mlp_delta_f: bool = False  # official variant: zero-init delta MLP, scale 1
     feat_channels: int = 64
+    # FFN and mask-feature widths of the head, scaled to feat_channels (the Mask2Former
+    # defaults 2048 / 1024 / 256 are sized for 256 channels and spent most of a step's time).
+    feedforward_channels: int = 256
+    encoder_feedforward_channels: int = 256
+    out_channels: int = 64
     num_encoder_layers: int = 1
     num_decoder_layers: int = 3
     num_points: int = 1024  # point-sampled mask loss (the 32x32 mask logits of a 64 crop)
@@ -146,6 +151,9 @@ QUICK = DemoSettings(
     token_length=8,
     lora_dim=4,
     feat_channels=32,
+    feedforward_channels=64,
+    encoder_feedforward_channels=64,
+    out_channels=32,
     num_decoder_layers=2,
     num_points=256,
     lora_rank=4,
@@ -212,6 +220,9 @@ def demo_config(
                 "head": {
                     "num_classes": 19,
                     "feat_channels": settings.feat_channels,
+                    "feedforward_channels": settings.feedforward_channels,
+                    "encoder_feedforward_channels": settings.encoder_feedforward_channels,
+                    "out_channels": settings.out_channels,
                     "num_queries": settings.token_length,
                     "num_encoder_layers": settings.num_encoder_layers,
                     "num_decoder_layers": settings.num_decoder_layers,
