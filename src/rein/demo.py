@@ -879,7 +879,8 @@ def _markdown_report(report: Mapping[str, Any], settings: DemoSettings) -> str:
         f"seed ({', '.join(map(str, settings.seeds))}: init, data order, augmentation).",
         f"- Model: the frozen ViT's blocks {list(settings.out_indices or []) or '(default)'} "
         "feed a Mask2Former "
-        f"head ({settings.feat_channels} channels, {settings.num_encoder_layers} encoder / "
+        f"head ({settings.feat_channels} channels, FFN {settings.feedforward_channels} / "
+        f"{settings.encoder_feedforward_channels}, {settings.num_encoder_layers} encoder / "
         f"{settings.num_decoder_layers} decoder layers, {settings.token_length} queries); Rein: "
         f"{settings.token_length} tokens per block, LoRA rank {settings.lora_dim}, Rein-link "
         f"queries, scale init {settings.rein_scale_init:g} (the official settings otherwise).",
