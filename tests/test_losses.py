@@ -56,6 +56,22 @@ def test_uncertain_point_coords() -> None:
     torch.testing.assert_close(coords, coords2)
 
 
+def test_uncertain_points_are_the_most_uncertain_candidates() -> None:
+    # the importance-sampled points are exactly the k most uncertain of the candidates (as a
+    # set: their order does not enter the losses)
+    logits = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    coords = get_uncertain_point_coords_with_randomness(
+        logits, 32, 3.0, 0.75, torch.Generator().manual_seed(2)
+    )
+    g = torch.Generator().manual_seed(2)
+    candidates = torch.rand((3, 96, 2), generator=g)
+    u = -point_sample(logits, candidates).abs()[:, 0]
+    best = torch.topk(u, 24, dim=1).indices
+    for i in range(3):
+        want = {tuple(c) for c in candidates[i, best[i]].tolist()}
+        assert {tuple(c) for c in coords[i, :24].tolist()} == want
+
+
 # ---------------------------------------------------------------- sem_seg_to_instances
 
 

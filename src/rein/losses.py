@@ -106,7 +106,9 @@ def get_uncertain_point_coords_with_randomness(
     uncertainty = -logits.abs()[:, 0, :]  # (N, S)
     num_uncertain = int(importance_sample_ratio * num_points)
     num_random = num_points - num_uncertain
-    idx = torch.topk(uncertainty, k=num_uncertain, dim=1).indices  # (N, k)
+    # The k most uncertain points. Their order does not matter (the losses sum or average over
+    # points), and an unsorted top-k is about 2x faster on CPU than the sorted one.
+    idx = torch.topk(uncertainty, k=num_uncertain, dim=1, sorted=False).indices  # (N, k)
     coords = torch.gather(coords, 1, idx.unsqueeze(-1).expand(-1, -1, 2))  # (N, k, 2)
     if num_random > 0:
         coords = torch.cat([coords, _rand((n, num_random, 2), device, generator)], dim=1)
