@@ -425,8 +425,8 @@ def _train_runs(
 ) -> list[tuple[dict[str, Any], list[np.ndarray] | None]]:
     """Train and evaluate ``(config, predict the shown images?)`` jobs, one after the other.
 
-    Module level, so that :func:`map_in_processes` can run it in spawned processes
-    (``in_worker``: their progress is whole lines, since several share one terminal).
+    ``in_worker``: it runs in a spawned worker of :func:`_train_in_processes`, whose progress
+    is whole lines, since several share one terminal.
     """
     if in_worker:
         os.environ["REIN_PROGRESS"] = "lines"
@@ -437,6 +437,64 @@ def _train_runs(
             preds = [_predict(model, val_sets[st][i], cfg) for st, i in shown] if show else None
             out.append((summary, preds))
     return out
+
+
+# Relative time of one run of each method (training + evaluation, two runs at a time, from the
+# s/step of a --compare run on the 2-core machine): only used to start the longest runs first,
+# so that the workers finish together. It never changes a number.
+_RUN_COST: dict[str, float] = {
+    "frozen": 1.0,
+    "rein": 1.27,
+    "lora": 1.37,
+    "fada": 1.37,
+    "soma": 1.41,
+    "full": 1.47,
+    "recyclelora": 1.51,
+}
+
+_SHARED: dict[str, Any] = {}  # a worker's copy of the scenes (set once by its initializer)
+
+
+def _share(train_set: Any, val_sets: Mapping[str, Any], shown: Sequence[tuple[str, int]]) -> None:
+    _SHARED.update(train_set=train_set, val_sets=val_sets, shown=shown)
+
+
+def _train_shared(job: tuple[Config, bool], progress: bool) -> tuple[dict[str, Any], Any]:
+    """One job of :func:`_train_runs` on the worker's shared scenes (runs in a worker)."""
+    s = _SHARED
+    return _train_runs([job], s["train_set"], s["val_sets"], s["shown"], progress, _silent, True)[0]
+
+
+def _train_in_processes(
+    jobs: Sequence[tuple[Config, bool]],
+    workers: int,
+    train_set: Any,
+    val_sets: Mapping[str, Any],
+    shown: Sequence[tuple[str, int]],
+    progress: bool,
+) -> list[tuple[dict[str, Any], list[np.ndarray] | None]] | None:
+    """Train ``jobs`` in ``workers`` spawned processes, results in job order (None: no pool).
+
+    Each free worker takes the next job, the longest methods first, so the workers finish
+    together; the scenes are sent to each worker once. Every run is seeded and on one
+    thread, so the order changes no number.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing import get_context
+
+    order = sorted(range(len(jobs)), key=lambda i: -_RUN_COST.get(jobs[i][0].model.tuning, 1.0))
+    try:
+        with ProcessPoolExecutor(
+            workers,
+            mp_context=get_context("spawn"),
+            initializer=_share,
+            initargs=(train_set, val_sets, list(shown)),
+        ) as ex:
+            futures = {i: ex.submit(_train_shared, jobs[i], progress) for i in order}
+            return [futures[i].result() for i in range(len(jobs))]
+    except (BrokenProcessPool, OSError):
+        return None
 
 
 @torch.no_grad()
@@ -773,11 +831,13 @@ def run_demo(
         f"training {len(jobs)} runs ({len(configs) // len(settings.seeds)} methods x seeds "
         f"{', '.join(map(str, settings.seeds))}), {n_jobs} at a time, one thread each"
     )
+    done = None
     if n_jobs > 1:
-        done = map_in_processes(
-            _train_runs, jobs, n_jobs, train_set, val_sets, shown, progress, _silent, True
-        )
-    else:
+        done = _train_in_processes(jobs, n_jobs, train_set, val_sets, shown, progress)
+        if done is None:
+            log("could not start worker processes: training the runs one after the other")
+            n_jobs = 1
+    if done is None:
         done = _train_runs(jobs, train_set, val_sets, shown, progress, log)
     predictions: dict[str, list[np.ndarray]] = {}
     runs: dict[str, list[dict[str, Any]]] = {}
